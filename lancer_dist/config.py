@@ -1,0 +1,478 @@
+"""Typed run configuration: one dataclass per component, nested under :class:`RunConfig`.
+
+Loaded from YAML, with dotted ``key=value`` overrides, and validated at load time. Every bad value raises
+:class:`ConfigError` naming the dotted field, the value given and what was expected, before any process group,
+model or data is touched.
+
+Conventions
+-----------
+* Types are checked from the annotations (``int``, ``float``, ``bool``, ``str``, ``Literal``, ``Optional``,
+  ``list[...]``, ``dict[...]`` and nested dataclasses). An ``int`` is accepted where a ``float`` is expected.
+* Range and cross-field checks live in each section's ``validate`` method (called after type checks).
+* Unknown keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from lancer_dist.paths import expand
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "ErasureDataConfig",
+    "EvalConfig",
+    "LossConfig",
+    "ModelConfig",
+    "ProbeConfig",
+    "RetrievalDataConfig",
+    "RunConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_to_dict",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or invalid. ``field`` is the dotted path."""
+
+    def __init__(self, field: str, value: Any, expected: str, source: str | None = None):
+        self.field = field
+        self.value = value
+        self.expected = expected
+        where = f" (in {source})" if source else ""
+        super().__init__(f"config field '{field}'{where}: got {value!r}, expected {expected}")
+
+
+def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(name, value, expected)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The bi-encoder: a transformers backbone, pooling, normalisation and score scale.
+
+    The paper scores by plain dot product (``normalize: false, temperature: 1.0``); the authors' released code
+    L2-normalises and multiplies by 10 (``normalize: true, temperature: 0.1``).
+    """
+
+    # A local transformers model directory or a hub id. Ignored for the weights when ``backbone_config`` is set.
+    name_or_path: str = ""
+    # A transformers config dict (with ``model_type``) to build a randomly initialised backbone (tests, tiny runs).
+    backbone_config: dict[str, Any] | None = None
+    # Tokenizer directory or hub id; defaults to ``name_or_path``.
+    tokenizer: str | None = None
+    pooling: Literal["cls", "mean", "pooler"] = "cls"
+    normalize: bool = False
+    # Scores are ``q @ p.T / temperature``.
+    temperature: float = 1.0
+    # Siamese (one backbone for queries and passages) or two towers.
+    shared_towers: bool = True
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    max_query_length: int = 64
+    max_passage_length: int = 128
+    gradient_checkpointing: bool = False
+    # Overrides the backbone's hidden and attention dropout (0.0 for exactness tests); None keeps the backbone's.
+    dropout: float | None = None
+    freeze_embeddings: bool = False
+
+    def validate(self, p: str) -> None:
+        _check(
+            bool(self.name_or_path) or self.backbone_config is not None,
+            f"{p}.name_or_path",
+            self.name_or_path,
+            "a model directory / hub id, or model.backbone_config for a randomly initialised backbone",
+        )
+        if self.backbone_config is not None:
+            _check(
+                "model_type" in self.backbone_config,
+                f"{p}.backbone_config",
+                self.backbone_config,
+                "a transformers config dict with a 'model_type' key",
+            )
+            _check(
+                self.tokenizer is not None or bool(self.name_or_path),
+                f"{p}.tokenizer",
+                self.tokenizer,
+                "a tokenizer directory when model.backbone_config builds a random backbone",
+            )
+        _check(self.temperature > 0, f"{p}.temperature", self.temperature, "a number > 0")
+        _check(self.max_query_length > 0, f"{p}.max_query_length", self.max_query_length, "an integer > 0")
+        _check(self.max_passage_length > 0, f"{p}.max_passage_length", self.max_passage_length, "an integer > 0")
+        if self.dropout is not None:
+            _check(0.0 <= self.dropout < 1.0, f"{p}.dropout", self.dropout, "a probability in [0, 1) or null")
+
+
+@dataclass
+class LossConfig:
+    """The multi-task objective L = L_R + erasure_weight * L_C (paper §3.4; the paper uses weight 1)."""
+
+    erasure_weight: float = 1.0
+    # Added to sigma_X * sigma_Z in the correlation's denominator (keeps absent languages and constant dims finite).
+    erasure_eps: float = 1e-8
+    # Gather passages from every rank as negatives for every query (cross-device negatives).
+    gather_negatives: bool = True
+
+    def validate(self, p: str) -> None:
+        _check(self.erasure_weight >= 0, f"{p}.erasure_weight", self.erasure_weight, "a number >= 0")
+        _check(self.erasure_eps > 0, f"{p}.erasure_eps", self.erasure_eps, "a number > 0")
+
+
+@dataclass
+class RetrievalDataConfig:
+    """English retrieval groups: (query, 1 positive, group_size - 1 hard negatives)."""
+
+    # A shard directory written by ``lancer data groups`` (with manifest.json), or a manifest path.
+    path: str = ""
+    group_size: int = 4
+    # Global (all ranks together) number of queries per optimizer step.
+    queries_per_step: int = 64
+
+    def validate(self, p: str) -> None:
+        _check(self.group_size >= 1, f"{p}.group_size", self.group_size, "an integer >= 1 (1 positive + negatives)")
+        _check(self.queries_per_step >= 1, f"{p}.queries_per_step", self.queries_per_step, "an integer >= 1")
+
+
+@dataclass
+class ErasureDataConfig:
+    """Multilingual passages with language labels: every step holds exactly m passages of each of n languages."""
+
+    path: str = ""
+    # Languages used for the erasure task (ISO codes); empty = every language in the manifest.
+    languages: list[str] = field(default_factory=list)
+    passages_per_language: int = 16
+
+    def validate(self, p: str) -> None:
+        _check(
+            self.passages_per_language >= 1,
+            f"{p}.passages_per_language",
+            self.passages_per_language,
+            "an integer >= 1",
+        )
+        _check(
+            len(set(self.languages)) == len(self.languages),
+            f"{p}.languages",
+            self.languages,
+            "a list of distinct language codes",
+        )
+
+
+@dataclass
+class DataConfig:
+    retrieval: RetrievalDataConfig = field(default_factory=RetrievalDataConfig)
+    erasure: ErasureDataConfig = field(default_factory=ErasureDataConfig)
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    # Skip (and count) malformed records instead of failing on the first one.
+    skip_bad_records: bool = False
+
+    def validate(self, p: str) -> None:
+        _check(self.num_workers >= 0, f"{p}.num_workers", self.num_workers, "an integer >= 0")
+        _check(self.shuffle_buffer >= 0, f"{p}.shuffle_buffer", self.shuffle_buffer, "an integer >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""
+    every: int = 0  # 0 = only at the end (and on preemption)
+    keep_last: int = 2
+    # "auto": resume from the latest checkpoint in ``dir`` if any; "never"; or a checkpoint path.
+    resume: str = "auto"
+
+    def validate(self, p: str) -> None:
+        _check(self.every >= 0, f"{p}.every", self.every, "an integer >= 0")
+        _check(self.keep_last >= 1, f"{p}.keep_last", self.keep_last, "an integer >= 1")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float = 1.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 42
+    # "ddp": Accelerate's DistributedDataParallel (or one process); "deepspeed": DeepSpeed ZeRO via Accelerate.
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int = 2
+    # A DeepSpeed JSON config (see cluster/deepspeed/); batch sizes and precision are filled in from this config.
+    deepspeed_config: str | None = None
+    # Gradient caching: chunk size for the chunked forward/re-forward; 0 = plain step.
+    grad_cache_chunk_size: int = 0
+    log_every: int = 10
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self, p: str) -> None:
+        _check(self.steps >= 1, f"{p}.steps", self.steps, "an integer >= 1")
+        _check(self.lr > 0, f"{p}.lr", self.lr, "a learning rate > 0")
+        _check(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, "a number >= 0")
+        _check(
+            0 <= self.warmup_steps <= self.steps,
+            f"{p}.warmup_steps",
+            self.warmup_steps,
+            f"an integer in [0, train.steps={self.steps}]",
+        )
+        _check(self.max_grad_norm >= 0, f"{p}.max_grad_norm", self.max_grad_norm, "a number >= 0 (0 = no clipping)")
+        _check(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", self.zero_stage, "one of 0, 1, 2, 3")
+        _check(self.grad_cache_chunk_size >= 0, f"{p}.grad_cache_chunk_size", self.grad_cache_chunk_size, ">= 0")
+        _check(self.log_every >= 1, f"{p}.log_every", self.log_every, "an integer >= 1")
+
+
+@dataclass
+class ProbeConfig:
+    """Linear language-ID probe during training (paper §5.3, Fig. 4)."""
+
+    enabled: bool = True
+    every: int = 50
+    # Held-out multilingual passages (a shard directory); defaults to the erasure data.
+    path: str = ""
+    train_per_language: int = 32
+    test_per_language: int = 16
+
+    def validate(self, p: str) -> None:
+        _check(self.every >= 1, f"{p}.every", self.every, "an integer >= 1")
+        _check(self.train_per_language >= 2, f"{p}.train_per_language", self.train_per_language, ">= 2")
+        _check(self.test_per_language >= 1, f"{p}.test_per_language", self.test_per_language, ">= 1")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking. The default URI is an embedded sqlite store next to the run outputs."""
+
+    enabled: bool = True
+    tracking_uri: str = ""  # "" = sqlite:///<output_dir>/../mlflow.db
+    experiment: str = "lancer"
+    run_name: str = ""
+    # Seconds between retries of a tracking server that went away; records are buffered meanwhile.
+    retry_seconds: float = 5.0
+
+    def validate(self, p: str) -> None:
+        _check(self.retry_seconds > 0, f"{p}.retry_seconds", self.retry_seconds, "a number > 0")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation: collections, FAISS index, metrics and post-hoc baselines."""
+
+    # BEIR-layout collection directories (corpus.jsonl, queries.jsonl, qrels/test.tsv).
+    collections: list[str] = field(default_factory=list)
+    index_factory: str = "Flat"
+    num_shards: int = 2
+    top_k: int = 100
+    batch_size: int = 64
+    num_workers: int = 2
+    dtype: Literal["float32", "float16"] = "float32"
+    measures: list[str] = field(default_factory=lambda: ["nDCG@10", "AP@100", "R@100", "RR@10"])
+    baselines: list[Literal["lsar", "leace"]] = field(default_factory=lambda: ["lsar", "leace"])
+    lsar_rank: int = 0  # 0 = number of languages
+
+    def validate(self, p: str) -> None:
+        _check(self.num_shards >= 1, f"{p}.num_shards", self.num_shards, "an integer >= 1")
+        _check(self.top_k >= 1, f"{p}.top_k", self.top_k, "an integer >= 1")
+        _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.num_workers >= 1, f"{p}.num_workers", self.num_workers, "an integer >= 1")
+        _check(self.lsar_rank >= 0, f"{p}.lsar_rank", self.lsar_rank, "an integer >= 0")
+
+
+@dataclass
+class RunConfig:
+    name: str = "lancer"
+    output_dir: str = "runs/lancer"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self, p: str) -> None:
+        _check(bool(self.name), f"{p}name", self.name, "a non-empty run name")
+        _check(bool(self.output_dir), f"{p}output_dir", self.output_dir, "a non-empty output directory")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Generic typed construction from plain dicts
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        (inner,) = get_args(tp)[:1] or (Any,)
+        return f"a list of {_type_name(inner)}"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping for {tp.__name__}"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise ConfigError(name, value, _type_name(tp))
+        return _build(tp, value, name)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(name, value, _type_name(tp))
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(name, value, _type_name(tp))
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, name)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(name, value, _type_name(tp))
+    if origin is list:
+        (inner,) = get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(name, value, _type_name(tp))
+        return [_coerce(inner, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(name, value, _type_name(tp))
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(name, value, "true/false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(name, value, "an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(name, value, "a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(name, value, "a string")
+        try:
+            return expand(value)
+        except KeyError as e:
+            raise ConfigError(name, value, f"a string whose ${{{e.args[0]}}} is set in the environment") from None
+    raise TypeError(f"unsupported config type {tp!r} for {name}")
+
+
+def _build(cls: Any, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            full = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(full, data[key], f"a known field of {cls.__name__}: {', '.join(sorted(names))}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            full = f"{prefix}.{f.name}" if prefix else f.name
+            kwargs[f.name] = _coerce(hints[f.name], data[f.name], full)
+    obj = cls(**kwargs)
+    obj.validate(prefix if prefix else "")
+    return obj
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain, YAML/JSON-serialisable data."""
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (used for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and all(isinstance(kk, str) for kk in v):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, item, "an override of the form dotted.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(key, raw, "a dotted key such as train.lr")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(key, raw, f"a YAML value ({e})") from e
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(key, raw, f"'{part}' to be a section, but it is {nxt!r}")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML run config, apply dotted overrides, and validate. Raises :class:`ConfigError`."""
+    data: dict[str, Any] = {}
+    source = None
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("--config", source, "an existing YAML file")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError("--config", source, f"valid YAML ({e})") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError("<root>", loaded, "a mapping at the top of the YAML file", source)
+        data = loaded
+    apply_overrides(data, overrides or [])
+    try:
+        return _build(RunConfig, data, "")
+    except ConfigError as e:
+        if source and e.field and "(in " not in str(e):
+            raise ConfigError(e.field, e.value, e.expected, source) from None
+        raise

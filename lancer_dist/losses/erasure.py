@@ -1,0 +1,150 @@
+"""L_C: the language concept-erasure loss of paper §3.4, from all-reducible sufficient statistics.
+
+For embeddings X [N, k] and one-hot language labels Z [N, n] the paper penalises the Pearson correlation between
+every embedding dimension X_i and every language indicator Z_j:
+
+    Sigma_XZ = E[(X - mean X)(Z - mean Z)^T]            (unbiased: divided by N - 1)
+    rho_ij   = Sigma_XZ[i, j] / (sigma_X[i] * sigma_Z[j] + eps)
+    L_C      = 1 / (n k) * sum_ij |rho_ij|
+
+with sigma the unbiased standard deviations. ``eps`` (default 1e-8) is *our* addition to the paper's definition: it
+keeps the loss finite when a language is absent from the batch (sigma_Z[j] = 0, and then Sigma_XZ[:, j] = 0 too,
+so rho = 0) or an embedding dimension is constant (sigma_X[i] = 0). Standard deviations of zero variance are
+defined as 0 with a zero gradient, so the gradients stay finite as well.
+
+Everything is computed from the sufficient statistics count N, sum X, sum X^2, sum Z (= sum Z^2 for one-hot
+labels) and sum X Z^T: small tensors ([k], [n], [k, n]) that are summed across ranks, so the correlation of the
+GLOBAL batch costs one all-reduce of (2k + n + kn + 1) numbers, independent of the batch size. The statistics are
+accumulated in float64 by default (cancellation in sum X^2 - (sum X)^2 / N is a float32 hazard).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Sums a tensor across ranks with gradient (lancer_dist.dist.all_reduce_with_grad); identity in one process.
+SumFn = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class CorrelationStats:
+    """Sufficient statistics of (X [N, k], one-hot Z [N, n])."""
+
+    count: Tensor  # [] number of rows N
+    sum_x: Tensor  # [k]
+    sum_x2: Tensor  # [k]
+    sum_z: Tensor  # [n]  (also sum Z^2, Z being 0/1)
+    sum_xz: Tensor  # [k, n]
+
+    def flatten(self) -> Tensor:
+        """All statistics in one flat vector (one collective instead of five)."""
+        return torch.cat(
+            [self.count.reshape(1), self.sum_x, self.sum_x2, self.sum_z, self.sum_xz.reshape(-1)],
+        )
+
+    @staticmethod
+    def unflatten(flat: Tensor, k: int, n: int) -> CorrelationStats:
+        sizes = [1, k, k, n, k * n]
+        count, sx, sx2, sz, sxz = torch.split(flat, sizes)
+        return CorrelationStats(count.reshape(()), sx, sx2, sz, sxz.reshape(k, n))
+
+    def reduce(self, sum_fn: SumFn | None) -> CorrelationStats:
+        """Sum the statistics over ranks with ``sum_fn`` (gradient preserving); identity when None."""
+        if sum_fn is None:
+            return self
+        k, n = self.sum_xz.shape
+        return CorrelationStats.unflatten(sum_fn(self.flatten()), k, n)
+
+
+def _one_hot(languages: Tensor, num_languages: int, dtype: torch.dtype) -> Tensor:
+    if languages.dim() != 1:
+        raise ValueError(f"languages must be a 1-d tensor of integer ids, got shape {tuple(languages.shape)}")
+    if languages.numel() and (int(languages.min()) < 0 or int(languages.max()) >= num_languages):
+        raise ValueError(
+            f"language ids must lie in [0, {num_languages}), got min {int(languages.min())}, "
+            f"max {int(languages.max())}"
+        )
+    return torch.nn.functional.one_hot(languages.long(), num_languages).to(dtype)
+
+
+def correlation_stats(
+    x: Tensor, languages: Tensor, num_languages: int, dtype: torch.dtype = torch.float64
+) -> CorrelationStats:
+    """Local sufficient statistics of embeddings ``x`` [N, k] and integer language ids ``languages`` [N]."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be [N, k], got shape {tuple(x.shape)}")
+    if languages.shape[0] != x.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} rows but languages has {languages.shape[0]}")
+    x_NK = x.to(dtype)
+    z_NL = _one_hot(languages.to(x.device), num_languages, dtype)
+    return CorrelationStats(
+        count=torch.tensor(float(x.shape[0]), dtype=dtype, device=x.device),
+        sum_x=x_NK.sum(0),
+        sum_x2=(x_NK * x_NK).sum(0),
+        sum_z=z_NL.sum(0),
+        sum_xz=x_NK.T @ z_NL,
+    )
+
+
+def _safe_sqrt(v: Tensor) -> Tensor:
+    """sqrt with sqrt(v <= 0) = 0 and a zero (not infinite or NaN) gradient there."""
+    pos = v > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, v, torch.ones_like(v))), torch.zeros_like(v))
+
+
+def correlation_from_stats(stats: CorrelationStats, eps: float = 1e-8) -> Tensor:
+    """The [k, n] Pearson correlation matrix from (global) sufficient statistics."""
+    n = stats.count
+    if float(n) < 2:
+        raise ValueError(f"the correlation needs at least 2 rows in the (global) batch, got {float(n):.0f}")
+    mean_x = stats.sum_x / n
+    mean_z = stats.sum_z / n
+    cov_KL = (stats.sum_xz - n * torch.outer(mean_x, mean_z)) / (n - 1)
+    var_x = (stats.sum_x2 - n * mean_x * mean_x) / (n - 1)
+    var_z = (stats.sum_z - n * mean_z * mean_z) / (n - 1)
+    std_x = _safe_sqrt(var_x)
+    std_z = _safe_sqrt(var_z)
+    return cov_KL / (torch.outer(std_x, std_z) + eps)
+
+
+def language_correlation(
+    x: Tensor,
+    languages: Tensor,
+    num_languages: int,
+    *,
+    eps: float = 1e-8,
+    sum_fn: SumFn | None = None,
+) -> Tensor:
+    """Pearson correlation [k, n] between each embedding dimension of ``x`` [N, k] and each one-hot language column.
+
+    Args:
+        x: [N, k] embeddings.
+        languages: [N] integer language ids, each < ``num_languages``.
+        num_languages: n, the number of one-hot columns (absent languages give a zero column).
+        eps: added to sigma_X * sigma_Z (see the module docstring).
+        sum_fn: sums the statistics across ranks with gradient (``lancer_dist.dist.all_reduce_with_grad``); then
+            the correlation is that of the global batch. None = this process's batch only.
+
+    Returns a [k, n] tensor in float64 (the statistics' dtype); cast as needed.
+    """
+    stats = correlation_stats(x, languages, num_languages).reduce(sum_fn)
+    return correlation_from_stats(stats, eps)
+
+
+def erasure_loss(
+    x: Tensor,
+    languages: Tensor,
+    num_languages: int,
+    *,
+    eps: float = 1e-8,
+    sum_fn: SumFn | None = None,
+) -> Tensor:
+    """L_C = mean absolute Pearson correlation between embedding dimensions and language labels (paper §3.4).
+
+    Same arguments as :func:`language_correlation`; returns a scalar in ``x``'s dtype.
+    """
+    return language_correlation(x, languages, num_languages, eps=eps, sum_fn=sum_fn).abs().mean().to(x.dtype)
