@@ -1,0 +1,195 @@
+"""``lancer search``: one FAISS index per embedding shard, shards searched in parallel (Ray), exact top-k merge.
+
+Scores are inner products. Ranking order is total: score descending, then corpus position ascending, so results
+are deterministic under ties. FAISS does not promise which of several tied documents it keeps at the k-th place,
+so each shard asks for ``k + 1`` neighbours and, while the (k+1)-th score still ties the k-th, doubles its request:
+each shard's list is then exactly its top-k in the total order, and the merge (a pure function) of per-shard top-k
+lists is exactly the global top-k. For ``Flat`` indexes this equals brute force over the whole corpus.
+
+Index types come from ``faiss.index_factory`` strings (``Flat``, ``IVF256,Flat``, ``HNSW32``, ``PQ16``,
+``IVF256,PQ16`` ...), built per shard with ``METRIC_INNER_PRODUCT`` and trained on that shard's embeddings. With
+faiss-gpu installed and a GPU visible, indexes are moved to the GPU (``index_cpu_to_all_gpus``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lancer_dist.retrieval.posthoc import Affine
+from lancer_dist.retrieval.store import EmbeddingStore
+
+__all__ = [
+    "SearchResult",
+    "brute_force_topk",
+    "build_index",
+    "merge_topk",
+    "search_arrays",
+    "search_index_exact",
+    "search_store",
+    "sort_candidates",
+]
+
+
+def sort_candidates(scores_QC: np.ndarray, pos_QC: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the ``k`` best candidates by (score desc, position asc); position -1 marks padding."""
+    Q = scores_QC.shape[0]
+    out_s = np.full((Q, k), -np.inf, dtype=np.float32)
+    out_p = np.full((Q, k), -1, dtype=np.int64)
+    for q in range(Q):
+        valid = pos_QC[q] >= 0
+        s, p = scores_QC[q][valid], pos_QC[q][valid]
+        order = np.lexsort((p, -s))[:k]
+        out_s[q, : len(order)] = s[order]
+        out_p[q, : len(order)] = p[order]
+    return out_s, out_p
+
+
+def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact merge of per-shard top-k lists ``(scores [Q, k_s], global positions [Q, k_s])`` into the global top-k."""
+    if not parts:
+        raise ValueError("merge_topk needs at least one shard result")
+    scores = np.concatenate([np.asarray(s, dtype=np.float32) for s, _ in parts], axis=1)
+    pos = np.concatenate([np.asarray(p, dtype=np.int64) for _, p in parts], axis=1)
+    return sort_candidates(scores, pos, k)
+
+
+def brute_force_topk(q_QD: np.ndarray, p_ND: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference: numpy inner products over the whole corpus, same total order."""
+    scores = np.asarray(q_QD, np.float32) @ np.asarray(p_ND, np.float32).T
+    pos = np.broadcast_to(np.arange(p_ND.shape[0], dtype=np.int64), scores.shape)
+    return sort_candidates(scores, pos, k)
+
+
+def _gpu_available() -> bool:
+    import faiss
+
+    return hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0
+
+
+def build_index(emb_ND: np.ndarray, factory: str = "Flat", use_gpu: bool | None = None) -> Any:
+    """A trained FAISS inner-product index holding ``emb_ND`` (rows get ids 0..n-1)."""
+    import faiss
+
+    x = np.ascontiguousarray(emb_ND, dtype=np.float32)
+    try:
+        index = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"eval.index_factory: {factory!r} is not a valid FAISS index_factory string ({e})") from e
+    if not index.is_trained:
+        try:
+            index.train(x)
+        except RuntimeError as e:
+            raise ValueError(
+                f"eval.index_factory: {factory!r} cannot be trained on a shard of {x.shape[0]} vectors "
+                f"(IVF needs >= nlist, PQ >= 256 per sub-quantizer): {e}"
+            ) from e
+    if use_gpu is None:
+        use_gpu = _gpu_available()
+    if use_gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(x)
+    return index
+
+
+def search_index_exact(index: Any, q_QD: np.ndarray, k: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of one index in the total order (see module docstring); positions shifted by ``offset``."""
+    n = int(index.ntotal)
+    q = np.ascontiguousarray(q_QD, dtype=np.float32)
+    k_eff = min(k, n)
+    if k_eff == 0:
+        return np.full((q.shape[0], k), -np.inf, np.float32), np.full((q.shape[0], k), -1, np.int64)
+    ask = min(k_eff + 1, n)
+    while True:
+        D, Id = index.search(q, ask)
+        if ask >= n:
+            break
+        # Exact when every query's (k+1)-th score is strictly below its k-th (no tie straddles the cut).
+        if np.all((D[:, k_eff] < D[:, k_eff - 1]) | (Id[:, k_eff] < 0)):
+            break
+        ask = min(2 * ask, n)
+    pos = np.where(Id >= 0, Id.astype(np.int64) + offset, -1)
+    return sort_candidates(D.astype(np.float32), pos, k)
+
+
+def _search_shard(
+    store_path: str, shard: int, offset: int, q_QD: np.ndarray, k: int, factory: str, transform: Affine | None,
+    threads: int,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    import faiss
+
+    if threads > 0:
+        faiss.omp_set_num_threads(threads)
+    t0 = time.perf_counter()
+    emb, _, _ = EmbeddingStore(store_path).load_shard(shard)
+    x = np.asarray(emb, dtype=np.float32)
+    if transform is not None:
+        x = transform(x)
+    index = build_index(x, factory)
+    s, p = search_index_exact(index, q_QD, k, offset)
+    return s, p, time.perf_counter() - t0
+
+
+@dataclass
+class SearchResult:
+    scores: np.ndarray  # [Q, k] float32, -inf padding
+    positions: np.ndarray  # [Q, k] int64 corpus positions, -1 padding
+    docids: list[list[str]]  # per query, best first (padding dropped)
+    seconds: float
+
+    def to_run(self, qids: Sequence[str]) -> dict[str, dict[str, float]]:
+        return {
+            qid: {d: float(s) for d, s in zip(docs, self.scores[i])} for i, (qid, docs) in enumerate(zip(qids, self.docids))
+        }
+
+
+def search_store(
+    store_path: str | Path,
+    q_QD: np.ndarray,
+    k: int,
+    factory: str = "Flat",
+    *,
+    transform: Affine | None = None,
+    parallel: str = "ray",
+    cpus_per_task: int = 1,
+) -> SearchResult:
+    """Search every shard of an :class:`EmbeddingStore` (``parallel``: "ray" tasks, or "none" in this process),
+    applying ``transform`` (a post-hoc baseline) to passages (queries must already be transformed)."""
+    t0 = time.perf_counter()
+    store = EmbeddingStore(store_path)
+    offsets = np.cumsum([0] + [s["count"] for s in store.manifest["shards"]])
+    q = np.ascontiguousarray(q_QD, dtype=np.float32)
+    if parallel == "ray":
+        import ray
+
+        if not ray.is_initialized():
+            ray.init()
+        task = ray.remote(_search_shard).options(num_cpus=cpus_per_task)  # type: ignore[call-overload]
+        q_ref = ray.put(q)
+        t_ref = ray.put(transform)
+        refs = [
+            task.remote(str(store.path), i, int(offsets[i]), q_ref, k, factory, t_ref, cpus_per_task)
+            for i in range(store.num_shards)
+        ]
+        results = ray.get(refs)
+    elif parallel == "none":
+        results = [
+            _search_shard(str(store.path), i, int(offsets[i]), q, k, factory, transform, 0)
+            for i in range(store.num_shards)
+        ]
+    else:
+        raise ValueError(f"parallel must be 'ray' or 'none', got {parallel!r}")
+    scores, pos = merge_topk([(s, p) for s, p, _ in results], k)
+    all_ids = store.all_ids()
+    docids = [[all_ids[p] for p in row if p >= 0] for row in pos]
+    return SearchResult(scores, pos, docids, time.perf_counter() - t0)
+
+
+def search_arrays(q_QD: np.ndarray, p_ND: np.ndarray, k: int, factory: str = "Flat") -> tuple[np.ndarray, np.ndarray]:
+    """One index over an in-memory array (small pools, e.g. the pool-growth analysis)."""
+    return search_index_exact(build_index(p_ND, factory), q_QD, k)

@@ -1,0 +1,96 @@
+"""Tiny real components for tests, smoke runs and benchmarks: a word-level tokenizer fitted on given texts, a
+randomly initialised small BERT bi-encoder saved like any trained one, and a BEIR-layout collection writer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["write_beir", "write_tiny_encoder"]
+
+
+def write_tiny_encoder(
+    out_dir: str | Path,
+    texts: Iterable[str],
+    *,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    max_length: int = 64,
+    seed: int = 0,
+    pooling: str = "mean",
+    normalize: bool = True,
+) -> Path:
+    """A random BERT (``hidden_size``, ``num_layers``) + a whitespace word-level tokenizer over ``texts``, saved with
+    :meth:`BiEncoder.save_pretrained` to ``out_dir``. Deterministic for a given seed and texts."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from lancer_dist.config import ModelConfig
+    from lancer_dist.model import BiEncoder
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = sorted({w for t in texts for w in t.lower().split()} | {"query:", "passage:"})
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    from tokenizers import normalizers
+
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=max_length,
+    )
+    cfg = ModelConfig(
+        backbone_config={
+            "model_type": "bert",
+            "vocab_size": len(vocab),
+            "hidden_size": hidden_size,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": 2,
+            "intermediate_size": 2 * hidden_size,
+            "max_position_embeddings": max(max_length, 16),
+        },
+        tokenizer="unused",
+        pooling=pooling,  # type: ignore[arg-type]
+        normalize=normalize,
+        dropout=0.0,
+    )
+    torch.manual_seed(seed)
+    model = BiEncoder.from_config(cfg)
+    return model.save_pretrained(out_dir, tokenizer)
+
+
+def write_beir(
+    out_dir: str | Path,
+    corpus: Mapping[str, Mapping[str, Any]],
+    queries: Mapping[str, Mapping[str, Any]],
+    qrels: Mapping[str, Mapping[str, int]],
+    split: str = "test",
+) -> Path:
+    """Write ``corpus.jsonl`` ({_id, title, text, lang}), ``queries.jsonl`` ({_id, text, lang[, answers]}) and
+    ``qrels/<split>.tsv`` (BEIR layout, with a header line)."""
+    out = Path(out_dir)
+    (out / "qrels").mkdir(parents=True, exist_ok=True)
+    with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for docid, doc in corpus.items():
+            f.write(json.dumps({"_id": docid, "title": doc.get("title", ""), **dict(doc)}, ensure_ascii=False) + "\n")
+    with open(out / "queries.jsonl", "w", encoding="utf-8") as f:
+        for qid, q in queries.items():
+            f.write(json.dumps({"_id": qid, **dict(q)}, ensure_ascii=False) + "\n")
+    with open(out / "qrels" / f"{split}.tsv", "w", encoding="utf-8") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        for qid, docs in qrels.items():
+            for docid, rel in docs.items():
+                f.write(f"{qid}\t{docid}\t{int(rel)}\n")
+    return out

@@ -1,0 +1,103 @@
+"""Sharded FAISS search + exact merge == brute force top-k over the whole corpus (ties included)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lancer_dist.retrieval.posthoc import Affine
+from lancer_dist.retrieval.search import (
+    brute_force_topk,
+    build_index,
+    merge_topk,
+    search_index_exact,
+    search_store,
+    sort_candidates,
+)
+from lancer_dist.retrieval.store import EmbeddingStore, write_store
+
+
+def _integer_data(seed: int, n: int = 300, q: int = 25, d: int = 6):
+    """Small-integer vectors: every inner product is exact in float32 and ties are plentiful."""
+    rng = np.random.default_rng(seed)
+    p = rng.integers(-2, 3, size=(n, d)).astype(np.float32)
+    qs = rng.integers(-2, 3, size=(q, d)).astype(np.float32)
+    return qs, p
+
+
+@pytest.mark.parametrize("shard_size", [1000, 64, 37, 5])
+def test_sharded_flat_equals_brute_force_with_ties(tmp_path, shard_size):
+    q, p = _integer_data(0)
+    k = 20
+    ref_s, ref_p = brute_force_topk(q, p, k)
+    # The data must actually contain ties straddling the cut, or the test proves nothing.
+    full = q @ p.T
+    kth = ref_s[:, k - 1 : k]
+    assert np.any(((full == kth).sum(1)) > ((ref_s == kth).sum(1))), "no tie straddles the k-th place"
+    ids = [f"doc{i}" for i in range(len(p))]
+    write_store(tmp_path, p, ids, shard_size=shard_size)
+    res = search_store(tmp_path, q, k, "Flat", parallel="none")
+    np.testing.assert_array_equal(res.positions, ref_p)
+    np.testing.assert_array_equal(res.scores, ref_s)
+    assert res.docids[0] == [ids[i] for i in ref_p[0]]
+
+
+def test_random_float_data_matches_brute_force(tmp_path):
+    rng = np.random.default_rng(1)
+    p = rng.normal(size=(500, 16)).astype(np.float32)
+    q = rng.normal(size=(30, 16)).astype(np.float32)
+    ref_s, ref_p = brute_force_topk(q, p, 10)
+    write_store(tmp_path, p, [str(i) for i in range(500)], shard_size=120)
+    res = search_store(tmp_path, q, 10, "Flat", parallel="none")
+    np.testing.assert_array_equal(res.positions, ref_p)
+    np.testing.assert_allclose(res.scores, ref_s, rtol=1e-5)
+
+
+def test_merge_is_pure_and_pads():
+    a = (np.array([[3.0, 1.0]]), np.array([[5, 2]]))
+    b = (np.array([[3.0, -np.inf]]), np.array([[1, -1]]))
+    s, p = merge_topk([a, b], 3)
+    assert p.tolist() == [[1, 5, 2]] and s.tolist() == [[3.0, 3.0, 1.0]]
+    s, p = merge_topk([b], 3)
+    assert p.tolist() == [[1, -1, -1]]
+    s, p = sort_candidates(np.array([[1.0, 2.0, 2.0]]), np.array([[0, 9, 4]]), 2)
+    assert p.tolist() == [[4, 9]]
+
+
+def test_k_larger_than_shard(tmp_path):
+    q, p = _integer_data(2, n=10, q=3)
+    write_store(tmp_path, p, [str(i) for i in range(10)], shard_size=3)
+    res = search_store(tmp_path, q, 15, parallel="none")
+    ref_s, ref_p = brute_force_topk(q, p, 15)
+    np.testing.assert_array_equal(res.positions, ref_p)
+    assert (res.positions[:, 10:] == -1).all() and len(res.docids[0]) == 10
+
+
+@pytest.mark.parametrize("factory", ["IVF4,Flat", "HNSW16", "PQ4x4", "IVF4,PQ4x4"])
+def test_approximate_indexes_run_and_recall(factory):
+    rng = np.random.default_rng(3)
+    p = rng.normal(size=(600, 16)).astype(np.float32)
+    q = p[:40] + 0.01 * rng.normal(size=(40, 16)).astype(np.float32)  # each query's nearest neighbour is known
+    index = build_index(p, factory)
+    if hasattr(index, "nprobe"):
+        index.nprobe = 4
+    _, pos = search_index_exact(index, q, 5)
+    recall = np.mean([i in row for i, row in enumerate(pos)])
+    assert recall >= 0.6, (factory, recall)
+
+
+def test_bad_factory_names_the_field():
+    with pytest.raises(ValueError, match="eval.index_factory"):
+        build_index(np.zeros((10, 4), np.float32), "NotAnIndex")
+    with pytest.raises(ValueError, match="cannot be trained"):
+        build_index(np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32), "IVF64,Flat")
+
+
+def test_transform_applied_inside_shards(tmp_path):
+    q, p = _integer_data(4, n=50, q=5)
+    t = Affine(np.diag([1.0, 0, 1, 0, 1, 0]), np.zeros(6), "mask")
+    write_store(tmp_path, p, [str(i) for i in range(50)], shard_size=16)
+    res = search_store(tmp_path, t(q), 7, transform=t, parallel="none")
+    ref_s, ref_p = brute_force_topk(t(q), t(p), 7)
+    np.testing.assert_array_equal(res.positions, ref_p)
+    assert EmbeddingStore(tmp_path).num_shards == 4
