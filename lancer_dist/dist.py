@@ -25,6 +25,7 @@ import datetime
 import os
 import socket
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -114,37 +115,68 @@ def _all_sizes(n: int, device: torch.device) -> list[int]:
     return [int(o.item()) for o in out]
 
 
+class _AllGatherCat(torch.autograd.Function):
+    """Gather equal-shaped tensors from every rank and concatenate them along dim 0.
+
+    Backward: every rank's loss used every rank's rows, so the gradient of this rank's rows is the SUM over ranks of
+    the gradient arriving at them: all-reduce the full gradient, keep our slice.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        ctx.rank, ctx.n = get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient (identical loss on every rank, or not) is summed over ranks as well."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        y = x.contiguous().clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
 def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     """Concatenate ``x`` [n_r, ...] from every rank along dim 0, keeping the autograd graph.
 
     Returns ``(gathered, offset)`` where ``offset`` is where this rank's rows start in ``gathered``. Ranks may hold
-    different numbers of rows (padded internally, then trimmed). The backward pass sums the gradient of each slice
-    over all ranks and returns it to its owner. Without a process group: ``(x, 0)``.
+    different numbers of rows (padded to the largest, then trimmed). The backward pass sums the gradient of each
+    slice over all ranks and returns it to its owner. Without a process group: ``(x, 0)``.
     """
     if not is_initialized() or get_world_size() == 1:
         return x, 0
-    import torch.distributed.nn.functional as dnn
-
     sizes = _all_sizes(x.shape[0], x.device)
-    rank = get_rank()
-    offset = sum(sizes[:rank])
+    offset = sum(sizes[: get_rank()])
     max_n = max(sizes)
     if all(s == max_n for s in sizes):
-        parts = dnn.all_gather(x.contiguous())
-        return torch.cat(list(parts), dim=0), offset
+        return _AllGatherCat.apply(x), offset
     pad = [0, 0] * (x.dim() - 1) + [0, max_n - x.shape[0]]
-    padded = F.pad(x, pad).contiguous()
-    parts = dnn.all_gather(padded)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)], dim=0), offset
+    gathered = _AllGatherCat.apply(F.pad(x, pad))
+    keep = [gathered[r * max_n : r * max_n + s] for r, s in enumerate(sizes)]
+    return torch.cat(keep, dim=0), offset
 
 
 def all_reduce_with_grad(x: Tensor) -> Tensor:
-    """Sum ``x`` over all ranks; the gradient is summed over ranks as well. Identity without a process group."""
+    """Sum ``x`` over all ranks; the gradient is summed over ranks too. Identity without a process group."""
     if not is_initialized() or get_world_size() == 1:
         return x
-    import torch.distributed.nn.functional as dnn
-
-    return dnn.all_reduce(x.contiguous(), op=dist.ReduceOp.SUM)
+    return _AllReduceSum.apply(x)
 
 
 def all_reduce_sum(x: Tensor) -> Tensor:

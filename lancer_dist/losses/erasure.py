@@ -99,8 +99,10 @@ def _safe_sqrt(v: Tensor) -> Tensor:
 def correlation_from_stats(stats: CorrelationStats, eps: float = 1e-8) -> Tensor:
     """The [k, n] Pearson correlation matrix from (global) sufficient statistics."""
     n = stats.count
-    if float(n) < 2:
-        raise ValueError(f"the correlation needs at least 2 rows in the (global) batch, got {float(n):.0f}")
+    if float(n.detach()) < 2:
+        raise ValueError(
+            f"the correlation needs at least 2 rows in the (global) batch, got {float(n.detach()):.0f}"
+        )
     mean_x = stats.sum_x / n
     mean_z = stats.sum_z / n
     cov_KL = (stats.sum_xz - n * torch.outer(mean_x, mean_z)) / (n - 1)

@@ -141,11 +141,14 @@ def lancer_loss(
     )
     loss = rank_lr
     lc = torch.zeros((), dtype=lr.dtype, device=q.device)
-    if x is not None and erasure_weight > 0:
+    if x is not None:
         if languages is None:
             raise ValueError("lancer_loss: erasure embeddings given without their language ids")
-        lc_t = erasure_loss(x, languages, num_languages, eps=erasure_eps, sum_fn=c.sum_with_grad)
-        loss = loss + erasure_weight * lc_t
+        if erasure_weight > 0:
+            lc_t = erasure_loss(x, languages, num_languages, eps=erasure_eps, sum_fn=c.sum_with_grad)
+            loss = loss + erasure_weight * lc_t
+        else:  # lambda = 0 (the baseline): L_C is still measured and logged, without a gradient
+            lc_t = erasure_loss(x.detach(), languages, num_languages, eps=erasure_eps, sum_fn=c.sum_no_grad)
         lc = lc_t.detach().to(lr.dtype)
     total = lr + erasure_weight * lc
     return LossOutput(

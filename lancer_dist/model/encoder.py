@@ -48,14 +48,25 @@ def build_backbone(cfg: ModelConfig, subdir: str | None = None) -> nn.Module:
         config = AutoConfig.for_model(model_type, **conf_dict)
         if cfg.dropout is not None:
             _set_dropout(config, cfg.dropout)
-        return AutoModel.from_config(config)
+        return _without_unused_pooler(lambda **kw: AutoModel.from_config(config, **kw), cfg.pooling)
     path = cfg.name_or_path if subdir is None else str(Path(cfg.name_or_path) / subdir)
     kwargs: dict[str, Any] = {}
     if cfg.dropout is not None:
         config = AutoConfig.from_pretrained(path)
         _set_dropout(config, cfg.dropout)
         kwargs["config"] = config
-    return AutoModel.from_pretrained(path, **kwargs)
+    return _without_unused_pooler(lambda **kw: AutoModel.from_pretrained(path, **kwargs, **kw), cfg.pooling)
+
+
+def _without_unused_pooler(make: Any, pooling: str) -> nn.Module:
+    """Build the backbone without its pooler layer unless pooling is 'pooler': parameters that get no gradient
+    would stall data-parallel gradient reduction (DDP buckets) and waste optimizer state."""
+    if pooling == "pooler":
+        return make()
+    try:
+        return make(add_pooling_layer=False)
+    except TypeError:  # architectures without a pooler option
+        return make()
 
 
 class BiEncoder(nn.Module):
@@ -127,8 +138,29 @@ class BiEncoder(nn.Module):
             emb_BH = F.normalize(emb_BH, dim=-1)
         return emb_BH
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, is_query: bool = False) -> Tensor:
-        return self.encode(input_ids, attention_mask, is_query)
+    def forward(
+        self,
+        query_input_ids: Tensor | None = None,
+        query_attention_mask: Tensor | None = None,
+        passage_input_ids: Tensor | None = None,
+        passage_attention_mask: Tensor | None = None,
+        erasure_input_ids: Tensor | None = None,
+        erasure_attention_mask: Tensor | None = None,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The multi-task forward: one call encodes the retrieval queries, their passages and the multilingual
+        erasure passages (through the passage tower), so that a data-parallel wrapper (DDP, DeepSpeed) sees
+        exactly one forward per step. Returns (q [B, H], p [P, H], x [M, H]); None where no input was given."""
+        q = p = x = None
+        if query_input_ids is not None:
+            assert query_attention_mask is not None
+            q = self.encode(query_input_ids, query_attention_mask, is_query=True)
+        if passage_input_ids is not None:
+            assert passage_attention_mask is not None
+            p = self.encode(passage_input_ids, passage_attention_mask, is_query=False)
+        if erasure_input_ids is not None:
+            assert erasure_attention_mask is not None
+            x = self.encode(erasure_input_ids, erasure_attention_mask, is_query=False)
+        return q, p, x
 
     def score(self, q_BD: Tensor, p_PD: Tensor) -> Tensor:
         return q_BD @ p_PD.T / self.temperature

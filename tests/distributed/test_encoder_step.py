@@ -1,0 +1,91 @@
+"""The full multi-task step on a tiny random encoder under real DDP (gloo, float64): N ranks x B/N == 1 x B.
+
+Loss, gradients and the parameters after one AdamW step match one process on the concatenated batch to 1e-10.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lancer_dist.config import ModelConfig
+from lancer_dist.dist import ProcessGroupCollectives
+from lancer_dist.losses import lancer_loss
+from lancer_dist.model import BiEncoder
+from tests.distributed.harness import run_distributed
+
+G, NUM_LANG, VOCAB = 2, 3, 97
+TOL = 1e-10
+
+
+def _model(shared: bool) -> BiEncoder:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        backbone_config={
+            "model_type": "bert", "vocab_size": VOCAB, "hidden_size": 16, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32,
+        },
+        tokenizer="unused", pooling="mean", normalize=True, temperature=0.2, dropout=0.0, shared_towers=shared,
+    )
+    return BiEncoder.from_config(cfg).double()
+
+
+def _batch(n: int, length: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, VOCAB, (n, length), generator=g)
+    lengths = torch.randint(2, length + 1, (n,), generator=g)
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    return ids * mask, mask
+
+
+def _data(b: int, m: int):
+    q = _batch(b, 6, 1)
+    p = _batch(b * G, 9, 2)
+    x = _batch(m, 9, 3)
+    lang = torch.arange(m) % NUM_LANG
+    return q, p, x, lang
+
+
+def _step(model, q, p, x, lang, collectives=None):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    qe, pe, xe = model(q[0], q[1], p[0], p[1], x[0], x[1])
+    out = lancer_loss(qe, pe, G, xe, lang, NUM_LANG, temperature=0.2, erasure_weight=1.0, collectives=collectives)
+    out.loss.backward()
+    opt.step()
+    params = torch.cat([prm.detach().reshape(-1) for prm in model.parameters()])
+    return out, params
+
+
+def _rank_program(rank: int, world: int, b: int, m: int, shared: bool):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    q, p, x, lang = _data(b, m)
+    bq, bx = b // world, m // world
+    qs, ps, xs = slice(rank * bq, (rank + 1) * bq), slice(rank * bq * G, (rank + 1) * bq * G), slice(
+        rank * bx, (rank + 1) * bx
+    )
+    model = _model(shared)
+    ddp = DDP(model)
+    out, params = _step(
+        ddp, (q[0][qs], q[1][qs]), (p[0][ps], p[1][ps]), (x[0][xs], x[1][xs]), lang[xs], ProcessGroupCollectives()
+    )
+    grads = torch.cat([prm.grad.reshape(-1) for prm in model.parameters() if prm.grad is not None])
+    return {"total": out.total, "retrieval": out.retrieval, "erasure": out.erasure, "params": params, "grads": grads}
+
+
+@pytest.mark.parametrize(("world", "shared"), [(2, True), (3, True), (2, False)])
+def test_ddp_step_equals_single_process(tmp_path, world, shared):
+    b, m = 6, 12
+    res = run_distributed(_rank_program, world, tmp_path, b, m, shared)
+    model = _model(shared)
+    before = torch.cat([prm.detach().reshape(-1).clone() for prm in model.parameters()])
+    q, p, x, lang = _data(b, m)
+    ref, ref_params = _step(model, q, p, x, lang)
+    ref_grads = torch.cat([prm.grad.reshape(-1) for prm in model.parameters() if prm.grad is not None])
+    assert float(ref.erasure) > 0 and float(ref.retrieval) > 0
+    assert float((ref_params - before).abs().max()) > 1e-4  # the step did move the parameters
+    for r in res:
+        for key in ("total", "retrieval", "erasure"):
+            assert abs(float(r[key] - getattr(ref, key))) <= TOL, key
+        assert float((r["grads"] - ref_grads).abs().max()) <= TOL
+        assert float((r["params"] - ref_params).abs().max()) <= TOL
