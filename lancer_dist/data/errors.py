@@ -1,0 +1,60 @@
+"""Errors and skip counters for bad data.
+
+Every problem with input data is raised as :class:`DataError`, which names where it happened (file or shard, record
+key, field). When a config asks to skip bad records, the same :class:`DataError` is handed to a
+:class:`SkipCounter` instead: it is counted under its reason and logged, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+__all__ = ["DataError", "SkipCounter"]
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Bad input data. ``where`` is the file or shard, ``key`` the record key (None for file-level problems),
+    ``field`` the offending field (or ``"tar"``, ``"sha256"``, ``"num_records"`` for shard-level problems) and
+    ``reason`` a short machine-readable category used as the skip counter name."""
+
+    def __init__(
+        self, where: str | Path, key: str | None, field: str, message: str, reason: str = "bad_record"
+    ):
+        self.where = str(where)
+        self.key = key
+        self.field = field
+        self.reason = reason
+        self.message = message
+        rec = f"record {key!r}" if key is not None else "(no record)"
+        super().__init__(f"{self.where}: {rec} field {field!r}: {message}")
+
+
+class SkipCounter:
+    """Counts skipped records / shards by reason (``reason`` of the :class:`DataError`) and logs the first few.
+
+    ``counts`` maps reason -> number of skip events; ``records`` and ``shards`` are the totals the trainer reports.
+    """
+
+    def __init__(self, log_first: int = 20) -> None:
+        self.counts: Counter[str] = Counter()
+        self.log_first = log_first
+        self._logged = 0
+
+    def skip(self, err: DataError, *, shard_level: bool = False, n: int = 1) -> None:
+        self.counts[("bad_shards." if shard_level else "bad_records.") + err.reason] += n
+        self.counts["bad_shards" if shard_level else "bad_records"] += n
+        if self._logged < self.log_first:
+            log.warning("skipped %s: %s", "shard" if shard_level else "record", err)
+            self._logged += 1
+            if self._logged == self.log_first:
+                log.warning("further skips are counted but not logged")
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(sorted(self.counts.items()))
+
+    def load(self, counts: dict[str, int]) -> None:
+        self.counts = Counter({str(k): int(v) for k, v in counts.items()})
