@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+bash scripts/install_schedulers.sh  # SLURM + munge for the integration tests (root only; else they skip)
 . .venv/bin/activate
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 ruff check lancer_dist launchers tests benchmarks
