@@ -116,7 +116,9 @@ class ModelConfig:
             )
         _check(self.temperature > 0, f"{p}.temperature", self.temperature, "a number > 0")
         _check(self.max_query_length > 0, f"{p}.max_query_length", self.max_query_length, "an integer > 0")
-        _check(self.max_passage_length > 0, f"{p}.max_passage_length", self.max_passage_length, "an integer > 0")
+        _check(
+            self.max_passage_length > 0, f"{p}.max_passage_length", self.max_passage_length, "an integer > 0"
+        )
         if self.dropout is not None:
             _check(0.0 <= self.dropout < 1.0, f"{p}.dropout", self.dropout, "a probability in [0, 1) or null")
 
@@ -147,7 +149,12 @@ class RetrievalDataConfig:
     queries_per_step: int = 64
 
     def validate(self, p: str) -> None:
-        _check(self.group_size >= 1, f"{p}.group_size", self.group_size, "an integer >= 1 (1 positive + negatives)")
+        _check(
+            self.group_size >= 1,
+            f"{p}.group_size",
+            self.group_size,
+            "an integer >= 1 (1 positive + negatives)",
+        )
         _check(self.queries_per_step >= 1, f"{p}.queries_per_step", self.queries_per_step, "an integer >= 1")
 
 
@@ -233,9 +240,16 @@ class TrainConfig:
             self.warmup_steps,
             f"an integer in [0, train.steps={self.steps}]",
         )
-        _check(self.max_grad_norm >= 0, f"{p}.max_grad_norm", self.max_grad_norm, "a number >= 0 (0 = no clipping)")
+        _check(
+            self.max_grad_norm >= 0,
+            f"{p}.max_grad_norm",
+            self.max_grad_norm,
+            "a number >= 0 (0 = no clipping)",
+        )
         _check(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", self.zero_stage, "one of 0, 1, 2, 3")
-        _check(self.grad_cache_chunk_size >= 0, f"{p}.grad_cache_chunk_size", self.grad_cache_chunk_size, ">= 0")
+        _check(
+            self.grad_cache_chunk_size >= 0, f"{p}.grad_cache_chunk_size", self.grad_cache_chunk_size, ">= 0"
+        )
         _check(self.log_every >= 1, f"{p}.log_every", self.log_every, "an integer >= 1")
 
 
@@ -330,7 +344,7 @@ def _type_name(tp: Any) -> str:
         return "a mapping"
     if tp is type(None):
         return "null"
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return f"a mapping for {tp.__name__}"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
 
@@ -380,6 +394,11 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             raise ConfigError(name, value, "an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(name, value, "a number") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(name, value, "a number")
         return float(value)
@@ -389,7 +408,9 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         try:
             return expand(value)
         except KeyError as e:
-            raise ConfigError(name, value, f"a string whose ${{{e.args[0]}}} is set in the environment") from None
+            raise ConfigError(
+                name, value, f"a string whose ${{{e.args[0]}}} is set in the environment"
+            ) from None
     raise TypeError(f"unsupported config type {tp!r} for {name}")
 
 

@@ -100,7 +100,9 @@ def retrieval_loss(
     else:
         p_all, pos = p, group_positive_index(b_r, group_size, 0, q.device)
     loss_sum = contrastive_loss(q, p_all, pos, temperature=temperature, reduction="sum")
-    counts = c.sum_no_grad(torch.tensor([float(b_r), float(p_all.shape[0])], dtype=torch.float64, device=q.device))
+    counts = c.sum_no_grad(
+        torch.tensor([float(b_r), float(p_all.shape[0])], dtype=torch.float64, device=q.device)
+    )
     b_global = int(counts[0].item())
     if b_global == 0:
         raise ValueError("retrieval_loss: the global batch holds no queries")

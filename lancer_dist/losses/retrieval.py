@@ -30,7 +30,9 @@ def contrastive_loss(
         reduction: "mean" over queries (default), "sum", or "none" ([B] per-query losses).
     """
     if q.dim() != 2 or p.dim() != 2 or q.shape[1] != p.shape[1]:
-        raise ValueError(f"contrastive_loss: q [B, D] and p [P, D] expected, got {tuple(q.shape)} and {tuple(p.shape)}")
+        raise ValueError(
+            f"contrastive_loss: q [B, D] and p [P, D] expected, got {tuple(q.shape)} and {tuple(p.shape)}"
+        )
     if positive_index.shape != (q.shape[0],):
         raise ValueError(
             f"contrastive_loss: positive_index [B={q.shape[0]}] expected, got {tuple(positive_index.shape)}"

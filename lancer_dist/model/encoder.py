@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -18,7 +17,9 @@ from lancer_dist.config import ModelConfig
 ENCODER_META = "lancer_encoder.json"
 
 
-def pool(hidden_BTH: Tensor, attention_mask_BT: Tensor, pooling: str, pooler_output: Tensor | None = None) -> Tensor:
+def pool(
+    hidden_BTH: Tensor, attention_mask_BT: Tensor, pooling: str, pooler_output: Tensor | None = None
+) -> Tensor:
     """Pool token states [B, T, H] into [B, H]: the first token (cls), the masked mean, or the backbone's pooler."""
     if pooling == "cls":
         return hidden_BTH[:, 0]
@@ -33,12 +34,18 @@ def pool(hidden_BTH: Tensor, attention_mask_BT: Tensor, pooling: str, pooler_out
 
 
 def _set_dropout(config: Any, p: float) -> None:
-    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout", "classifier_dropout"):
+    for name in (
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "dropout",
+        "attention_dropout",
+        "classifier_dropout",
+    ):
         if hasattr(config, name):
             setattr(config, name, p)
 
 
-def build_backbone(cfg: ModelConfig, subdir: str | None = None) -> nn.Module:
+def build_backbone(cfg: ModelConfig, subdir: str | None = None) -> Any:
     """A transformers AutoModel: pretrained from ``cfg.name_or_path`` or random from ``cfg.backbone_config``."""
     from transformers import AutoConfig, AutoModel
 
@@ -58,7 +65,7 @@ def build_backbone(cfg: ModelConfig, subdir: str | None = None) -> nn.Module:
     return _without_unused_pooler(lambda **kw: AutoModel.from_pretrained(path, **kwargs, **kw), cfg.pooling)
 
 
-def _without_unused_pooler(make: Any, pooling: str) -> nn.Module:
+def _without_unused_pooler(make: Any, pooling: str) -> Any:
     """Build the backbone without its pooler layer unless pooling is 'pooler': parameters that get no gradient
     would stall data-parallel gradient reduction (DDP buckets) and waste optimizer state."""
     if pooling == "pooler":
@@ -78,17 +85,17 @@ class BiEncoder(nn.Module):
 
     def __init__(
         self,
-        query_backbone: nn.Module,
-        passage_backbone: nn.Module | None = None,
+        query_backbone: Any,
+        passage_backbone: Any = None,
         *,
         pooling: str = "cls",
         normalize: bool = False,
         temperature: float = 1.0,
     ):
         super().__init__()
-        self.query_backbone = query_backbone
+        self.query_backbone: Any = query_backbone
         # None = shared towers (Siamese); registering the same module twice would duplicate its parameters.
-        self.passage_backbone = passage_backbone
+        self.passage_backbone: Any = passage_backbone
         self.pooling = pooling
         self.normalize = normalize
         self.temperature = temperature
@@ -114,7 +121,7 @@ class BiEncoder(nn.Module):
             model.gradient_checkpointing_enable()
         return model
 
-    def backbones(self) -> list[nn.Module]:
+    def backbones(self) -> list[Any]:
         return [self.query_backbone] + ([self.passage_backbone] if self.passage_backbone is not None else [])
 
     @property
@@ -127,10 +134,16 @@ class BiEncoder(nn.Module):
 
     def gradient_checkpointing_enable(self) -> None:
         for bb in self.backbones():
-            bb.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # non-reentrant checkpointing: works with DDP / ZeRO and with several forwards per step
+            if hasattr(bb, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                bb.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                bb.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor, is_query: bool = False) -> Tensor:
-        backbone = self.query_backbone if (is_query or self.passage_backbone is None) else self.passage_backbone
+        backbone = (
+            self.query_backbone if (is_query or self.passage_backbone is None) else self.passage_backbone
+        )
         out = backbone(input_ids=input_ids, attention_mask=attention_mask)
         pooler_output = getattr(out, "pooler_output", None)
         emb_BH = pool(out.last_hidden_state, attention_mask, self.pooling, pooler_output)
@@ -171,10 +184,14 @@ class BiEncoder(nn.Module):
         sentence-transformers' module files and in ``lancer_encoder.json``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        targets = [(out, self.query_backbone)] if self.shared else [
-            (out / "query", self.query_backbone),
-            (out / "passage", self.passage_backbone),
-        ]
+        targets = (
+            [(out, self.query_backbone)]
+            if self.shared
+            else [
+                (out / "query", self.query_backbone),
+                (out / "passage", self.passage_backbone),
+            ]
+        )
         for d, bb in targets:
             assert bb is not None
             bb.save_pretrained(d, safe_serialization=True)
@@ -209,9 +226,13 @@ def _write_sentence_transformers_modules(d: Path, dim: int, pooling: str, normal
             indent=2,
         )
     )
-    modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
+    modules.append(
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}
+    )
     if normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        modules.append(
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+        )
         (d / "2_Normalize").mkdir(exist_ok=True)
     (d / "modules.json").write_text(json.dumps(modules, indent=2))
 

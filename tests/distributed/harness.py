@@ -26,7 +26,9 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, out_d
 
     out = Path(out_dir) / f"rank{rank}.pt"
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+        dist.init_process_group(
+            "gloo", rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}"
+        )
         result = fn(rank, world_size, *args)
         torch.save({"ok": True, "result": result}, out)
     except BaseException:
@@ -46,7 +48,8 @@ def run_distributed(
     ctx = mp.get_context("spawn")
     port = find_free_port()
     procs = [
-        ctx.Process(target=_worker, args=(fn, r, world_size, port, str(tmp_path), args)) for r in range(world_size)
+        ctx.Process(target=_worker, args=(fn, r, world_size, port, str(tmp_path), args))
+        for r in range(world_size)
     ]
     for p in procs:
         p.start()

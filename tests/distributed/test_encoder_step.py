@@ -22,10 +22,20 @@ def _model(shared: bool) -> BiEncoder:
     torch.manual_seed(0)
     cfg = ModelConfig(
         backbone_config={
-            "model_type": "bert", "vocab_size": VOCAB, "hidden_size": 16, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 32,
+            "model_type": "bert",
+            "vocab_size": VOCAB,
+            "hidden_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+            "max_position_embeddings": 32,
         },
-        tokenizer="unused", pooling="mean", normalize=True, temperature=0.2, dropout=0.0, shared_towers=shared,
+        tokenizer="unused",
+        pooling="mean",
+        normalize=True,
+        temperature=0.2,
+        dropout=0.0,
+        shared_towers=shared,
     )
     return BiEncoder.from_config(cfg).double()
 
@@ -49,7 +59,9 @@ def _data(b: int, m: int):
 def _step(model, q, p, x, lang, collectives=None):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     qe, pe, xe = model(q[0], q[1], p[0], p[1], x[0], x[1])
-    out = lancer_loss(qe, pe, G, xe, lang, NUM_LANG, temperature=0.2, erasure_weight=1.0, collectives=collectives)
+    out = lancer_loss(
+        qe, pe, G, xe, lang, NUM_LANG, temperature=0.2, erasure_weight=1.0, collectives=collectives
+    )
     out.loss.backward()
     opt.step()
     params = torch.cat([prm.detach().reshape(-1) for prm in model.parameters()])
@@ -61,16 +73,29 @@ def _rank_program(rank: int, world: int, b: int, m: int, shared: bool):
 
     q, p, x, lang = _data(b, m)
     bq, bx = b // world, m // world
-    qs, ps, xs = slice(rank * bq, (rank + 1) * bq), slice(rank * bq * G, (rank + 1) * bq * G), slice(
-        rank * bx, (rank + 1) * bx
+    qs, ps, xs = (
+        slice(rank * bq, (rank + 1) * bq),
+        slice(rank * bq * G, (rank + 1) * bq * G),
+        slice(rank * bx, (rank + 1) * bx),
     )
     model = _model(shared)
     ddp = DDP(model)
     out, params = _step(
-        ddp, (q[0][qs], q[1][qs]), (p[0][ps], p[1][ps]), (x[0][xs], x[1][xs]), lang[xs], ProcessGroupCollectives()
+        ddp,
+        (q[0][qs], q[1][qs]),
+        (p[0][ps], p[1][ps]),
+        (x[0][xs], x[1][xs]),
+        lang[xs],
+        ProcessGroupCollectives(),
     )
     grads = torch.cat([prm.grad.reshape(-1) for prm in model.parameters() if prm.grad is not None])
-    return {"total": out.total, "retrieval": out.retrieval, "erasure": out.erasure, "params": params, "grads": grads}
+    return {
+        "total": out.total,
+        "retrieval": out.retrieval,
+        "erasure": out.erasure,
+        "params": params,
+        "grads": grads,
+    }
 
 
 @pytest.mark.parametrize(("world", "shared"), [(2, True), (3, True), (2, False)])

@@ -45,7 +45,9 @@ def _slices(sizes: list[int]) -> list[slice]:
 # ---- the per-rank programs (module level: spawned processes import them) ----------------------------------------
 
 
-def _rank_lancer(rank: int, world: int, q_sizes: list[int], x_sizes: list[int], weight: float, dtype_name: str):
+def _rank_lancer(
+    rank: int, world: int, q_sizes: list[int], x_sizes: list[int], weight: float, dtype_name: str
+):
     dtype = getattr(torch, dtype_name)
     q, p = _retrieval_data(sum(q_sizes), dtype=dtype)
     x, lang = _erasure_data(sum(x_sizes), dtype=dtype)
@@ -55,14 +57,25 @@ def _rank_lancer(rank: int, world: int, q_sizes: list[int], x_sizes: list[int], 
     p_r = p[ps].clone().requires_grad_(True)
     x_r = x[xs].clone().requires_grad_(True)
     out = lancer_loss(
-        q_r, p_r, G, x_r, lang[xs], NUM_LANG,
-        temperature=0.5, erasure_weight=weight, collectives=ProcessGroupCollectives(),
+        q_r,
+        p_r,
+        G,
+        x_r,
+        lang[xs],
+        NUM_LANG,
+        temperature=0.5,
+        erasure_weight=weight,
+        collectives=ProcessGroupCollectives(),
     )
     out.loss.backward()
     # Data-parallel training averages gradients over ranks: divide by world size.
     return {
-        "total": out.total, "retrieval": out.retrieval, "erasure": out.erasure,
-        "gq": q_r.grad / world, "gp": p_r.grad / world, "gx": (x_r.grad if x_r.grad is not None else torch.zeros_like(x_r)) / world,
+        "total": out.total,
+        "retrieval": out.retrieval,
+        "erasure": out.erasure,
+        "gq": q_r.grad / world,
+        "gp": p_r.grad / world,
+        "gx": (x_r.grad if x_r.grad is not None else torch.zeros_like(x_r)) / world,
         "pool": out.num_passages,
     }
 
@@ -78,8 +91,16 @@ def _reference_lancer(q_sizes, x_sizes, weight, dtype=torch.float64):
     lc = erasure_loss(x if weight > 0 else x.detach(), lang, NUM_LANG)
     total = lr + weight * lc
     total.backward()
-    return {"total": total.detach(), "retrieval": lr.detach(), "erasure": lc.detach(),
-            "gq": q.grad, "gp": p.grad, "gx": x.grad if x.grad is not None else torch.zeros_like(x), "q_sizes": q_sizes, "x_sizes": x_sizes}
+    return {
+        "total": total.detach(),
+        "retrieval": lr.detach(),
+        "erasure": lc.detach(),
+        "gq": q.grad,
+        "gp": p.grad,
+        "gx": x.grad if x.grad is not None else torch.zeros_like(x),
+        "q_sizes": q_sizes,
+        "x_sizes": x_sizes,
+    }
 
 
 def _compare(results, ref, tol):

@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lancer_dist.config import ConfigError, RunConfig, config_to_dict, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        cfg = load_config(path)
+        assert isinstance(cfg, RunConfig)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(
+        REPO / "configs/tiny.yaml", ["train.lr=3e-4", "model.pooling=cls", "data.erasure.languages=[en,fr]"]
+    )
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.model.pooling == "cls"
+    assert cfg.data.erasure.languages == ["en", "fr"]
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "expected"),
+    [
+        ("train.lr=-1", "train.lr", "learning rate > 0"),
+        ("model.pooling=max", "model.pooling", "one of 'cls', 'mean', 'pooler'"),
+        ("train.steps=ten", "train.steps", "an integer"),
+        ("train.zero_stage=5", "train.zero_stage", "one of 0, 1, 2, 3"),
+        ("model.normalize=maybe", "model.normalize", "true/false"),
+        ("train.lrr=1", "train.lrr", "a known field of TrainConfig"),
+        ("model.temperature=0", "model.temperature", "> 0"),
+    ],
+)
+def test_bad_values_name_field_value_and_expectation(override, field, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "configs/tiny.yaml", [override])
+    assert e.value.field == field
+    msg = str(e.value)
+    assert field in msg and expected in msg and "tiny.yaml" in msg
+    assert repr(e.value.value) in msg
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(REPO / "configs/tiny.yaml")
+    f = tmp_path / "resolved.yaml"
+    f.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    assert load_config(f) == cfg
+
+
+def test_unset_env_var_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("NOPE_NOT_SET", raising=False)
+    f = tmp_path / "c.yaml"
+    f.write_text("output_dir: ${NOPE_NOT_SET}/x\n")
+    with pytest.raises(ConfigError, match="NOPE_NOT_SET"):
+        load_config(f)
+
+
+def test_cli_config_show(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lancer_dist.cli",
+            "config",
+            "show",
+            "--config",
+            str(REPO / "configs/tiny.yaml"),
+            "train.steps=7",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert yaml.safe_load(out.stdout)["train"]["steps"] == 7
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lancer_dist.cli",
+            "config",
+            "show",
+            "--config",
+            str(REPO / "configs/tiny.yaml"),
+            "train.warmup_steps=99",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "train.warmup_steps" in bad.stderr and "99" in bad.stderr
