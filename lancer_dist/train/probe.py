@@ -1,0 +1,208 @@
+"""The language probe (paper §5.3, Fig. 4): how much language identity a linear classifier recovers from embeddings.
+
+At step 0 and every ``probe.every`` steps the trainer encodes a held-out multilingual train/test split with the
+current encoder, fits a multinomial logistic regression (standardised features, fixed seed) on the train split and
+logs its training log loss and its test accuracy. Language-invariant embeddings make the classifier's job harder:
+the loss rises and the accuracy falls towards chance (``1 / num_languages``).
+
+The split is plain ``(text, language)`` pairs, so any source works (the erasure shards, a held-out file, a test's
+synthetic data); :meth:`LanguageProbe.from_pool` draws a balanced, disjoint split from a pool of pairs.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["LanguageProbe", "probe_curve_png"]
+
+EncodeFn = Callable[[list[str]], Any]
+
+
+class LanguageProbe:
+    """A fixed held-out train/test split of ``(text, language)`` pairs and the classifier fitted on their embeddings.
+
+    Args:
+        train: pairs the classifier is fitted on.
+        test: pairs it is scored on (every test language must occur in ``train``).
+        seed: the classifier's random state (lbfgs is deterministic; the seed makes that explicit).
+        max_iter: lbfgs iterations; generous so the fit converges on hundreds of dimensions.
+        C: inverse L2 regularisation strength (sklearn's default 1.0).
+    """
+
+    def __init__(
+        self,
+        train: Sequence[tuple[str, str]],
+        test: Sequence[tuple[str, str]],
+        *,
+        seed: int = 0,
+        max_iter: int = 2000,
+        C: float = 1.0,
+    ):
+        for name, split in (("train", train), ("test", test)):
+            for i, pair in enumerate(split):
+                if not (
+                    isinstance(pair, tuple | list)
+                    and len(pair) == 2
+                    and all(isinstance(x, str) for x in pair)
+                ):
+                    raise ValueError(
+                        f"language probe {name} split, record {i}: expected (text, language), got {pair!r}"
+                    )
+        self.train_texts = [t for t, _ in train]
+        self.test_texts = [t for t, _ in test]
+        self.languages = sorted({lang for _, lang in train})
+        if len(self.languages) < 2:
+            raise ValueError(f"language probe: the train split needs >= 2 languages, got {self.languages}")
+        unknown = sorted({lang for _, lang in test} - set(self.languages))
+        if unknown:
+            raise ValueError(f"language probe: test languages {unknown} do not occur in the train split")
+        if not test:
+            raise ValueError("language probe: the test split is empty")
+        index = {lang: i for i, lang in enumerate(self.languages)}
+        self.y_train = np.array([index[lang] for _, lang in train], dtype=np.int64)
+        self.y_test = np.array([index[lang] for _, lang in test], dtype=np.int64)
+        self.seed = seed
+        self.max_iter = max_iter
+        self.C = C
+        self.classifier: Any = None  # the last fitted sklearn Pipeline (scaler + logistic regression)
+
+    @classmethod
+    def from_pool(
+        cls,
+        pairs: Iterable[tuple[str, str]],
+        train_per_language: int,
+        test_per_language: int,
+        *,
+        languages: Sequence[str] | None = None,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> LanguageProbe:
+        """A balanced split: ``train_per_language`` + ``test_per_language`` distinct texts of every language.
+
+        Duplicate texts are dropped first (a text in both splits would measure memorisation). Raises naming the
+        languages that have too few texts.
+        """
+        by_lang: dict[str, list[str]] = defaultdict(list)
+        seen: set[str] = set()
+        for text, lang in pairs:
+            if text in seen or not text.strip():
+                continue
+            seen.add(text)
+            by_lang[lang].append(text)
+        langs = sorted(by_lang) if languages is None else list(languages)
+        need = train_per_language + test_per_language
+        short = {lang: len(by_lang.get(lang, [])) for lang in langs if len(by_lang.get(lang, [])) < need}
+        if short:
+            raise ValueError(f"language probe: need {need} distinct texts per language, have only {short}")
+        rng = random.Random(seed)
+        train: list[tuple[str, str]] = []
+        test: list[tuple[str, str]] = []
+        for lang in langs:
+            texts = rng.sample(by_lang[lang], need)
+            train += [(t, lang) for t in texts[:train_per_language]]
+            test += [(t, lang) for t in texts[train_per_language:]]
+        return cls(train, test, seed=seed, **kwargs)
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / len(self.languages)
+
+    def _encode(self, encode_fn: EncodeFn) -> tuple[np.ndarray, np.ndarray]:
+        texts = self.train_texts + self.test_texts
+        x = encode_fn(texts)
+        if hasattr(x, "detach"):  # a torch tensor
+            x = x.detach().float().cpu().numpy()
+        x_ND = np.asarray(x, dtype=np.float64)
+        if x_ND.ndim != 2 or x_ND.shape[0] != len(texts):
+            raise ValueError(
+                f"language probe: encode_fn returned shape {x_ND.shape}, expected ({len(texts)}, dim)"
+            )
+        if not np.isfinite(x_ND).all():
+            raise ValueError("language probe: encode_fn returned non-finite embeddings")
+        n = len(self.train_texts)
+        return x_ND[:n], x_ND[n:]
+
+    def evaluate(self, encode_fn: EncodeFn) -> dict[str, float]:
+        """Encode both splits with ``encode_fn`` (list[str] -> [N, D] array), fit, and score.
+
+        Returns ``probe_train_loss`` (mean log loss of the fitted classifier on its train split, the left panel of
+        Fig. 4), ``probe_test_accuracy`` (right panel), ``probe_train_accuracy``, ``probe_test_loss``,
+        ``probe_chance`` (1 / number of languages) and ``probe_num_languages``.
+        """
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.metrics import accuracy_score, log_loss
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        x_train, x_test = self._encode(encode_fn)
+        # lbfgs on more than two classes fits the multinomial (softmax) model; features are standardised so the
+        # regularisation strength means the same thing whatever the embedding scale.
+        clf = make_pipeline(
+            StandardScaler(),
+            LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed, solver="lbfgs"),
+        )
+        clf.fit(x_train, self.y_train)
+        self.classifier = clf
+        labels = np.arange(len(self.languages))
+        p_train = clf.predict_proba(x_train)
+        p_test = clf.predict_proba(x_test)
+        return {
+            "probe_train_loss": float(log_loss(self.y_train, p_train, labels=labels)),
+            "probe_train_accuracy": float(accuracy_score(self.y_train, p_train.argmax(1))),
+            "probe_test_loss": float(log_loss(self.y_test, p_test, labels=labels)),
+            "probe_test_accuracy": float(accuracy_score(self.y_test, p_test.argmax(1))),
+            "probe_chance": self.chance,
+            "probe_num_languages": float(len(self.languages)),
+        }
+
+    def __repr__(self) -> str:
+        counts = Counter(self.y_train.tolist())
+        per = ", ".join(f"{lang}={counts[i]}" for i, lang in enumerate(self.languages))
+        return f"LanguageProbe(train={len(self.train_texts)} [{per}], test={len(self.test_texts)})"
+
+
+def probe_curve_png(
+    history: Sequence[Mapping[str, float]] | Mapping[str, Sequence[Mapping[str, float]]],
+    path: str | Path,
+    title: str | None = None,
+) -> Path:
+    """Write Fig. 4 as a PNG: probe training loss (left) and test accuracy (right) against the training step.
+
+    ``history`` is one run's list of ``{"step": s, "probe_train_loss": ..., "probe_test_accuracy": ...,
+    "probe_chance": ...}`` records, or ``{label: records}`` to draw several runs (e.g. baseline vs LANCER) together.
+    """
+    # A bare Figure (no pyplot): no global figure state, no display; savefig renders PNG with the Agg backend.
+    from matplotlib.figure import Figure
+
+    runs = dict(history) if isinstance(history, Mapping) else {"": list(history)}
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    chance = None
+    for label, records in runs.items():
+        records = sorted(records, key=lambda r: r["step"])
+        steps = [r["step"] for r in records]
+        ax_loss.plot(steps, [r["probe_train_loss"] for r in records], marker="o", label=label or None)
+        ax_acc.plot(steps, [r["probe_test_accuracy"] for r in records], marker="o", label=label or None)
+        chance = next((r["probe_chance"] for r in records if "probe_chance" in r), chance)
+    if chance is not None:
+        ax_acc.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
+    ax_loss.set(xlabel="training step", ylabel="probe training loss", title="Language probe: train loss")
+    ax_acc.set(xlabel="training step", ylabel="probe test accuracy", title="Language probe: test accuracy")
+    ax_acc.set_ylim(0.0, 1.02)
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
