@@ -191,8 +191,10 @@ def read_e5_file(path: str | Path | None = None, *, load_tensors: bool = True) -
             n, off, nbytes = struct.unpack_from("<IQQ", b, o + 1)
             o += 21
             directory.append((name, dtype, n, off, nbytes))
-    except struct.error as e:
-        raise ValueError(f"{path}: truncated model file at byte {o}: {e}") from e
+    except (struct.error, ValueError, IndexError, UnicodeDecodeError) as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: truncated or corrupt model file near byte {o}: {e}") from e
 
     f = E5File(
         hidden,

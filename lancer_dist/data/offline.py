@@ -129,10 +129,23 @@ def iter_corpus_texts(paths: Iterable[str | Path]) -> Iterator[str]:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _fingerprint(paths: Sequence[str | Path]) -> str:
+    """Changes when any file under ``paths`` is added, removed, resized or rewritten (rebuilt data is renamed into
+    place, so its files get new modification times)."""
+    h = hashlib.sha1()
+    for p in sorted(Path(x).resolve() for x in paths):
+        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        for f in files:
+            st = f.stat()
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def _backbone_request(layers: int | None, prune_from: Sequence[str | Path] | None) -> dict[str, Any]:
     return {
         "layers": layers,
         "prune_corpus": None if not prune_from else sorted(str(Path(p).resolve()) for p in prune_from),
+        "prune_fingerprint": None if not prune_from else _fingerprint(prune_from),
     }
 
 
@@ -146,7 +159,11 @@ def _backbone_matches(path: Path, req: dict[str, Any]) -> bool:
         return False
     meta = json.loads(meta_path.read_text())
     want_layers = req["layers"] if req["layers"] is not None else meta["layers_original"]
-    return bool(meta["layers_kept"] == want_layers and meta.get("prune_corpus") == req["prune_corpus"])
+    return bool(
+        meta["layers_kept"] == want_layers
+        and meta.get("prune_corpus") == req["prune_corpus"]
+        and meta.get("prune_fingerprint") == req["prune_fingerprint"]
+    )
 
 
 def ensure_backbone(
@@ -190,6 +207,7 @@ def ensure_backbone(
             meta_path = tmp / "lancer_shrink.json"
             meta = json.loads(meta_path.read_text())
             meta["prune_corpus"] = req["prune_corpus"]
+            meta["prune_fingerprint"] = req["prune_fingerprint"]
             meta_path.write_text(json.dumps(meta, indent=1))
             _install(tmp, target)
         finally:
