@@ -1,0 +1,329 @@
+"""SLURM submission: render an sbatch script for multi-node training (and chained encode / eval steps) and submit it.
+
+The training script starts one ``torchrun`` per node through ``srun``; the ranks rendezvous (c10d) on the first
+node of the allocation, addressed by its ``NodeAddr`` (node names often do not resolve: emulated nodes, some
+clouds) and a port derived from the job id so that concurrent jobs on one node never clash. Preemption:
+``--signal=B:USR1@N`` makes SLURM signal the batch shell N seconds before the time limit; the shell forwards it as
+SIGTERM to the training step, the trainer checkpoints at the next step boundary and exits with
+``PREEMPTED_EXIT_CODE`` (75), and the shell requeues the job (``scontrol requeue``), which resumes from the
+checkpoint (``train.checkpoint.resume: auto``). Secrets never enter the script: credentials reach the job through the
+environment that ``sbatch`` exports (``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_PASSWORD``, ...).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lancer_dist.config import ConfigError
+from lancer_dist.redact import redact
+
+__all__ = [
+    "PREEMPTED_EXIT_CODE",
+    "SlurmJob",
+    "SlurmSubmission",
+    "SubmitError",
+    "check_no_secrets",
+    "render_step_script",
+    "render_train_script",
+    "submit",
+]
+
+# The trainer's "checkpointed after a preemption signal, please requeue" exit code (lancer_dist.train); kept here
+# too so that rendering a script does not import torch.
+PREEMPTED_EXIT_CODE = 75
+STEP_VERBS = ("encode", "eval")
+_TIME = re.compile(r"^(\d+|\d+:\d{2}(:\d{2})?|\d+-\d+(:\d{2}(:\d{2})?)?)$")
+
+
+class SubmitError(ConfigError):
+    """A submission argument is invalid (names the argument, the value and what was expected); a ConfigError so
+    that ``lancer`` reports it in one line with exit code 2."""
+
+    def __init__(self, arg: str, value: object, expected: str):
+        super().__init__(arg, redact(str(value)), expected)
+        self.arg = arg
+        self.args = (f"{arg}: got {redact(str(value))!r}, expected {expected}",)
+
+
+@dataclass
+class SlurmJob:
+    """Everything ``lancer submit slurm`` needs; ``render_train_script`` turns it into an sbatch script."""
+
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    nodes: int = 1
+    # 0 = CPU training over gloo (one or ``procs_per_node`` processes per node).
+    gpus_per_node: int = 0
+    # Processes per node; default: one per GPU, or 1 on CPU.
+    procs_per_node: int | None = None
+    cpus_per_task: int | None = None
+    partition: str | None = None
+    time: str | None = None
+    account: str | None = None
+    job_name: str = "lancer"
+    requeue: bool = True
+    # Seconds before the time limit at which SLURM sends USR1 (time to write a checkpoint).
+    signal_seconds: int = 300
+    # Directory the job runs in (the repository / project checkout on the shared file system).
+    workdir: str = field(default_factory=os.getcwd)
+    # Where the sbatch scripts and SLURM logs go (relative paths are under ``workdir``).
+    log_dir: str = "runs/slurm"
+    # The Python interpreter on the nodes (default: this one; the cluster shares the file system).
+    python: str = field(default_factory=lambda: sys.executable)
+    # Chained steps run after training succeeds (``--dependency=afterok``): any of "encode", "eval".
+    then: list[str] = field(default_factory=list)
+    # Extra ``#SBATCH`` options, e.g. ["--mem=64G", "--exclusive"].
+    sbatch_args: list[str] = field(default_factory=list)
+    # Non-secret environment for the job (secrets must come from the submitting environment).
+    env: dict[str, str] = field(default_factory=dict)
+    # The per-rank program after ``python -m``; default: the trainer (lancer_dist.cli train --config ...).
+    module_args: list[str] | None = None
+
+    @property
+    def nprocs(self) -> int:
+        if self.procs_per_node is not None:
+            return self.procs_per_node
+        return self.gpus_per_node if self.gpus_per_node > 0 else 1
+
+    def validate(self) -> None:
+        if self.nodes < 1:
+            raise SubmitError("--nodes", self.nodes, "an integer >= 1")
+        if self.gpus_per_node < 0:
+            raise SubmitError("--gpus-per-node", self.gpus_per_node, "an integer >= 0 (0 = CPU, gloo)")
+        if self.procs_per_node is not None and self.procs_per_node < 1:
+            raise SubmitError("--procs-per-node", self.procs_per_node, "an integer >= 1")
+        if self.gpus_per_node > 0 and self.procs_per_node not in (None, self.gpus_per_node):
+            raise SubmitError("--procs-per-node", self.procs_per_node, f"one per GPU ({self.gpus_per_node})")
+        if self.time is not None and not _TIME.match(self.time):
+            raise SubmitError("--time", self.time, "a SLURM time: MINUTES, HH:MM:SS, D-HH[:MM[:SS]]")
+        if self.signal_seconds < 10:
+            raise SubmitError("--signal-seconds", self.signal_seconds, "an integer >= 10")
+        for step in self.then:
+            if step not in STEP_VERBS:
+                raise SubmitError("--then", step, f"a comma list of {', '.join(STEP_VERBS)}")
+        if not re.match(r"^[A-Za-z0-9_.\-]+$", self.job_name):
+            raise SubmitError("--job-name", self.job_name, "letters, digits, '_', '.', '-'")
+        for k in self.env:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", k):
+                raise SubmitError("--env", k, "an environment variable name")
+        check_no_secrets(self)
+
+
+def check_no_secrets(job: SlurmJob) -> None:
+    """Refuse credentials in anything that would be written into the script (overrides, env, sbatch args)."""
+    for where, items in (
+        ("overrides", job.overrides),
+        ("--sbatch-arg", job.sbatch_args),
+        ("--env", [f"{k}={v}" for k, v in job.env.items()]),
+    ):
+        for item in items:
+            if redact(item, env={}) != item:
+                raise SubmitError(
+                    where,
+                    item,
+                    "no credentials: they would be written into the sbatch script. Put them in the environment "
+                    "(MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN); sbatch passes it "
+                    "to the job",
+                )
+
+
+def _q(s: str | Path) -> str:
+    return shlex.quote(str(s))
+
+
+def _abs(job: SlurmJob, p: str) -> Path:
+    path = Path(p)
+    return path if path.is_absolute() else Path(job.workdir) / path
+
+
+def _header(job: SlurmJob, name: str, nodes: int, log_dir: Path, extra: list[str]) -> list[str]:
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={name}",
+        f"#SBATCH --nodes={nodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --output={log_dir}/%x-%j.out",
+        # Requeued runs append to the same log instead of truncating the first attempt's output.
+        "#SBATCH --open-mode=append",
+    ]
+    if job.cpus_per_task:
+        lines.append(f"#SBATCH --cpus-per-task={job.cpus_per_task}")
+    if job.partition:
+        lines.append(f"#SBATCH --partition={job.partition}")
+    if job.account:
+        lines.append(f"#SBATCH --account={job.account}")
+    if job.time:
+        lines.append(f"#SBATCH --time={job.time}")
+    lines += [f"#SBATCH {a}" for a in extra]
+    lines += [f"#SBATCH {a}" for a in job.sbatch_args]
+    return lines
+
+
+def _env_lines(job: SlurmJob, gpu: bool) -> list[str]:
+    lines = [
+        "set -uo pipefail",
+        f"cd {_q(job.workdir)}",
+        f"export PATH={_q(str(Path(job.python).parent))}:$PATH",
+        "export PYTHONUNBUFFERED=1",
+    ]
+    if gpu:
+        # NCCL: fail fast on a dead peer instead of hanging until the time limit.
+        lines += [
+            "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+            "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}",
+        ]
+    else:
+        # CPU: hide GPUs so lancer_dist.dist picks gloo; one BLAS thread per rank unless the user says otherwise.
+        lines += ["export CUDA_VISIBLE_DEVICES=", "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}"]
+    lines += [f"export {k}={_q(v)}" for k, v in sorted(job.env.items())]
+    return lines
+
+
+def _program(job: SlurmJob, verb: str) -> list[str]:
+    if verb == "train" and job.module_args is not None:
+        return list(job.module_args)
+    return ["lancer_dist.cli", verb, "--config", str(_abs(job, job.config)), *job.overrides]
+
+
+def render_train_script(job: SlurmJob, run_name: str | None = None) -> str:
+    """The sbatch script for the training step (see the module docstring for what it does)."""
+    job.validate()
+    gpu = job.gpus_per_node > 0
+    log_dir = _abs(job, job.log_dir)
+    extra = []
+    if gpu:
+        extra.append(f"--gpus-per-node={job.gpus_per_node}")
+    if job.requeue:
+        extra += [f"--signal=B:USR1@{job.signal_seconds}", "--requeue"]
+    else:
+        extra.append("--no-requeue")
+    prog = _program(job, "train")
+    if (
+        run_name
+        and job.module_args is None
+        and not any(o.startswith("tracking.run_name=") for o in job.overrides)
+    ):
+        # The run name carries the job id, which is the same across requeues: the resumed run logs to the same name.
+        prog.append(f"tracking.run_name={run_name}-$SLURM_JOB_ID")
+    prog_str = " ".join(_q(a) if "$SLURM_JOB_ID" not in a else f'"{a}"' for a in prog)
+    lines = _header(job, job.job_name, job.nodes, log_dir, extra)
+    lines += [
+        "",
+        f"# Generated by `lancer submit slurm` on {datetime.datetime.now().isoformat(timespec='seconds')}.",
+        f"# {job.nodes} node(s) x {job.nprocs} process(es), backend {'nccl' if gpu else 'gloo'}.",
+        *_env_lines(job, gpu),
+        "",
+        "# Rendezvous on the first node, by address: node names need not resolve (NodeAddr is what slurmd uses).",
+        'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "HEAD_ADDR=$(scontrol show node \"$HEAD_NODE\" | tr ' ' '\\n' | sed -n 's/^NodeAddr=//p' | head -n 1)",
+        'case "$HEAD_ADDR" in',
+        "  ''|*[!0-9.]*)  # a name: resolve it to an IPv4 address when the resolver knows it",
+        "    RESOLVED=$(getent ahostsv4 \"${HEAD_ADDR:-$HEAD_NODE}\" 2>/dev/null | awk 'NR==1{print $1}')",
+        "    HEAD_ADDR=${RESOLVED:-${HEAD_ADDR:-$HEAD_NODE}} ;;",
+        "esac",
+        "# A port per job id: two jobs sharing a node never pick the same one (override with LANCER_RDZV_PORT).",
+        "RDZV_PORT=${LANCER_RDZV_PORT:-$((15000 + SLURM_JOB_ID % 15000))}",
+        'echo "lancer: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST,'
+        ' rendezvous $HEAD_ADDR:$RDZV_PORT"',
+        "",
+    ]
+    if job.requeue:
+        lines += [
+            "# USR1 arrives signal_seconds before the time limit (--signal=B:USR1@N), or from",
+            "# `scancel --signal=USR1 --batch JOB`. Forward it as SIGTERM to the training step: torchrun passes it to",
+            f"# every rank, the trainer checkpoints at the next step boundary and exits {PREEMPTED_EXIT_CODE}.",
+            "PREEMPTED=0",
+            'on_preempt() { PREEMPTED=1; echo "lancer: preemption signal: checkpointing"; '
+            'scancel --signal=TERM "$SLURM_JOB_ID"; }',
+            "trap on_preempt USR1",
+            "",
+        ]
+    lines += [
+        "# One torchrun per node; the ranks of all nodes meet at the c10d rendezvous on the head node.",
+        f"srun --nodes={job.nodes} --ntasks-per-node=1 --kill-on-bad-exit=0 \\",
+        f"  {_q(job.python)} -m torch.distributed.run --nnodes={job.nodes} --nproc_per_node={job.nprocs} \\",
+        '  --rdzv_backend=c10d --rdzv_endpoint="$HEAD_ADDR:$RDZV_PORT" --rdzv_id="$SLURM_JOB_ID" --max_restarts=0 \\',
+        f"  -m {prog_str} &",
+        "STEP_PID=$!",
+        "# `wait` returns early when a trapped signal arrives: wait again until the step has really ended.",
+        'while true; do wait "$STEP_PID"; rc=$?; kill -0 "$STEP_PID" 2>/dev/null || break; done',
+        'echo "lancer: training step exited with $rc"',
+    ]
+    if job.requeue:
+        lines += [
+            "# torchrun reports a worker's 75 as its own failure (1): the trap's flag tells a preemption apart.",
+            f'if [ "$rc" -eq {PREEMPTED_EXIT_CODE} ] || {{ [ "$PREEMPTED" -eq 1 ] && [ "$rc" -ne 0 ]; }}; then',
+            '  echo "lancer: preempted: requeueing job $SLURM_JOB_ID (resumes from the last checkpoint)"',
+            '  scontrol requeue "$SLURM_JOB_ID"',
+            "  exit 0",
+            "fi",
+        ]
+    lines.append('exit "$rc"')
+    return "\n".join(lines) + "\n"
+
+
+def render_step_script(job: SlurmJob, verb: str) -> str:
+    """An sbatch script for one chained single-node step (``lancer encode`` / ``lancer eval`` with the same config)."""
+    job.validate()
+    if verb not in STEP_VERBS:
+        raise SubmitError("--then", verb, f"one of {', '.join(STEP_VERBS)}")
+    gpu = job.gpus_per_node > 0
+    extra = [f"--gpus-per-node={job.gpus_per_node}"] if gpu else []
+    lines = _header(job, f"{job.job_name}-{verb}", 1, _abs(job, job.log_dir), extra)
+    prog = " ".join(_q(a) for a in _program(job, verb))
+    lines += [
+        "",
+        f"# Generated by `lancer submit slurm`: the {verb} step, run after training succeeded (afterok).",
+        *_env_lines(job, gpu),
+        f"srun --nodes=1 --ntasks=1 {_q(job.python)} -m {prog}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class SlurmSubmission:
+    job_ids: dict[str, int]  # step -> job id ("train", "encode", "eval")
+    scripts: dict[str, Path]
+
+
+def _sbatch(script: Path, args: list[str], env: dict[str, str] | None) -> int:
+    exe = shutil.which("sbatch")
+    if exe is None:
+        raise SubmitError("sbatch", "not found", "SLURM's sbatch on PATH (scripts/install_schedulers.sh)")
+    r = subprocess.run([exe, "--parsable", *args, str(script)], capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SubmitError(
+            "sbatch", f"exit {r.returncode}: {r.stderr.strip()}", f"{script} submitted (is the controller reachable?)"
+        )
+    return int(r.stdout.strip().split(";")[0])
+
+
+def submit(job: SlurmJob, run_name: str | None = None, env: dict[str, str] | None = None) -> SlurmSubmission:
+    """Write the scripts under ``job.log_dir`` and submit them (chained steps with ``--dependency=afterok``)."""
+    job.validate()
+    log_dir = _abs(job, job.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    scripts: dict[str, Path] = {}
+    ids: dict[str, int] = {}
+    path = log_dir / f"{job.job_name}-train-{stamp}.sbatch"
+    path.write_text(render_train_script(job, run_name))
+    scripts["train"] = path
+    ids["train"] = _sbatch(path, [], env)
+    prev = ids["train"]
+    for verb in job.then:
+        path = log_dir / f"{job.job_name}-{verb}-{stamp}.sbatch"
+        path.write_text(render_step_script(job, verb))
+        scripts[verb] = path
+        # kill-on-invalid-dep: if training fails, the chained steps are cancelled rather than pending forever.
+        ids[verb] = _sbatch(path, [f"--dependency=afterok:{prev}", "--kill-on-invalid-dep=yes"], env)
+        prev = ids[verb]
+    return SlurmSubmission(job_ids=ids, scripts=scripts)
