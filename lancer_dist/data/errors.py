@@ -22,13 +22,22 @@ class DataError(ValueError):
     ``reason`` a short machine-readable category used as the skip counter name."""
 
     def __init__(
-        self, where: str | Path, key: str | None, field: str, message: str, reason: str = "bad_record"
+        self,
+        where: str | Path,
+        key: str | None = None,
+        field: str | None = None,
+        message: str | None = None,
+        reason: str = "bad_record",
     ):
         self.where = str(where)
         self.key = key
-        self.field = field
+        self.field = field or ""
         self.reason = reason
-        self.message = message
+        self.message = message or ""
+        if field is None and message is None:
+            # DataError(text): re-raised from a DataLoader worker, which rebuilds exceptions from their message.
+            super().__init__(self.where)
+            return
         rec = f"record {key!r}" if key is not None else "(no record)"
         super().__init__(f"{self.where}: {rec} field {field!r}: {message}")
 

@@ -1,0 +1,75 @@
+"""Tokenisation and collation: texts -> padded ``input_ids`` / ``attention_mask`` tensors.
+
+Queries and passages get the model's prefixes (``query: `` / ``passage: `` for E5) and are truncated to the model's
+max lengths (special tokens included); each batch is padded to its own longest sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lancer_dist.config import ModelConfig
+
+__all__ = ["Collator", "passage_text"]
+
+
+def passage_text(p: dict[str, Any]) -> str:
+    """The text a passage is encoded from: ``"<title> <text>"`` when a non-empty title is stored (Tevatron's
+    MS MARCO records have a title field, often empty), else the text."""
+    title = str(p.get("title") or "").strip()
+    return f"{title} {p['text']}" if title and title != "-" else str(p["text"])
+
+
+class Collator:
+    """Tokenises with any Hugging Face (fast) tokenizer; returns ``(input_ids [N, T], attention_mask [N, T])``."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        query_prefix: str = "",
+        passage_prefix: str = "",
+        max_query_length: int = 64,
+        max_passage_length: int = 128,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.query_prefix = query_prefix
+        self.passage_prefix = passage_prefix
+        self.max_query_length = max_query_length
+        self.max_passage_length = max_passage_length
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, tokenizer: Any) -> Collator:
+        return cls(
+            tokenizer,
+            query_prefix=cfg.query_prefix,
+            passage_prefix=cfg.passage_prefix,
+            max_query_length=cfg.max_query_length,
+            max_passage_length=cfg.max_passage_length,
+        )
+
+    def _encode(self, texts: Sequence[str], prefix: str, max_length: int) -> tuple[Tensor, Tensor]:
+        if not texts:
+            empty = torch.zeros(0, 0, dtype=torch.long)
+            return empty, empty.clone()
+        enc = self.tokenizer(
+            [prefix + t for t in texts],
+            padding="longest",
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+            return_token_type_ids=False,
+        )
+        return enc["input_ids"].long(), enc["attention_mask"].long()
+
+    def queries(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """``[B, Tq]`` ids and mask for query texts."""
+        return self._encode(texts, self.query_prefix, self.max_query_length)
+
+    def passages(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """``[N, Tp]`` ids and mask for passage texts."""
+        return self._encode(texts, self.passage_prefix, self.max_passage_length)

@@ -1,0 +1,660 @@
+"""Training streams over webdataset shards: exact language balance, whole retrieval groups, exact resume.
+
+What one training step holds (all ranks together)
+-------------------------------------------------
+* Erasure passages: exactly ``m = data.erasure.passages_per_language`` passages of each of the ``n`` languages.
+  The ``m * n`` global slots are laid out language-interleaved (slot ``j`` has language ``j % n``) and rank ``r`` takes
+  the contiguous block ``[r * m*n/W, (r+1) * m*n/W)`` (:func:`erasure_layout`), so every rank holds an equal share
+  and, when ``n`` divides the share, every rank holds every language equally often.
+* Retrieval groups: ``data.retrieval.queries_per_step / W`` whole groups per rank; each group is 1 positive and
+  ``G - 1`` negatives drawn (seeded by the group key and the epoch) from the negatives stored in the shard.
+
+Where the records come from
+---------------------------
+Each language (and the retrieval data) is an independent *sub-stream*, partitioned among ``slots`` = (rank, worker
+role) pairs that use it. Worker role ``k`` of ``K = max(1, num_workers)`` produces the steps ``t = k (mod K)``; the
+DataLoader hands batches out round-robin, so batches arrive in step order. In each epoch a sub-stream's shards are
+permuted (seeded by the epoch, the same on every slot); with at least as many shards as slots, slot ``i`` reads the
+shards ``order[i::S]`` (split by node and worker); with fewer shards (a small language), every slot reads every shard
+and keeps the records at positions ``= i (mod S)``. Records then pass a seeded shuffle buffer that is flushed at the
+epoch end. Every slot's sub-stream is an infinite, deterministic function of (seed, epoch, slot): several epochs
+simply follow each other, reshuffled.
+
+Why resume is exact
+-------------------
+A sub-stream's position is ``(epoch, records consumed in the epoch)``; a role's state is the positions of its
+sub-streams after its last batch the trainer consumed, plus its skip counters. Restoring replays the epoch from its
+start (deterministic; no tokenisation) and drops what was consumed. The main process records the state attached to
+each batch it hands out, so :meth:`TrainStream.state_dict` describes exactly the batches consumed, never the ones
+the workers prefetched. Without a state, ``start_step=s`` replays from step 0 (slower, same result).
+
+Webdataset supplies the tar format, writing and member parsing (:mod:`lancer_dist.data.shards`); its pipeline
+(``WebDataset(...).shuffle().with_epoch()``) is not used for the order because its shuffle and split state cannot be
+saved and its per-worker epoch counts do not give per-language exactness.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from lancer_dist.config import ConfigError, RunConfig
+from lancer_dist.data.collate import Collator, passage_text
+from lancer_dist.data.errors import DataError, SkipCounter
+from lancer_dist.data.shards import Manifest, ShardInfo, check_group, check_passage, load_shard, read_manifest
+
+__all__ = ["StreamPlan", "SubStream", "TrainBatch", "TrainStream", "erasure_layout"]
+
+STATE_FORMAT = 1
+
+
+def _seed(*parts: Any) -> int:
+    """A 64-bit seed from any JSON-able parts (stable across processes and Python runs, unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).digest(), "little")
+
+
+def erasure_layout(num_languages: int, per_language: int, world_size: int, rank: int) -> list[int]:
+    """Language index of each erasure slot of ``rank`` for one step: ``[m*n / W]`` ints.
+
+    Over all ranks the slots are ``0 .. m*n-1`` with language ``j % n``: exactly ``m`` of each language.
+    """
+    total = num_languages * per_language
+    if total % world_size:
+        raise ConfigError(
+            "data.erasure.passages_per_language",
+            per_language,
+            f"passages_per_language x {num_languages} languages = {total} divisible by the world size {world_size}",
+        )
+    share = total // world_size
+    return [j % num_languages for j in range(rank * share, (rank + 1) * share)]
+
+
+@dataclass
+class TrainBatch:
+    """One rank's share of one global step. Passages are group-major with the positive first."""
+
+    step: int
+    query_input_ids: Tensor  # [B_r, Tq]
+    query_attention_mask: Tensor  # [B_r, Tq]
+    passage_input_ids: Tensor  # [B_r * G, Tp]
+    passage_attention_mask: Tensor  # [B_r * G, Tp]
+    erasure_input_ids: Tensor  # [M_r, Tp]
+    erasure_attention_mask: Tensor  # [M_r, Tp]
+    erasure_languages: Tensor  # [M_r] long ids into TrainStream.languages
+    # Provenance (for tests, debugging and duplicate checks): shard keys / docids in tensor row order.
+    query_keys: list[str] = field(default_factory=list)
+    passage_docids: list[str] = field(default_factory=list)
+    erasure_keys: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sub-streams
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _SubSpec:
+    name: str  # "erasure/<lang>" or "retrieval"
+    manifest: Manifest
+    shards: tuple[ShardInfo, ...]
+    lang: str | None  # erasure sub-streams: their language
+    # erasure: for each shard, the configured language that owns (counts) its records with a bad/unknown language
+    owner: dict[str, str] = field(default_factory=dict)
+    configured: frozenset[str] = frozenset()
+
+
+class SubStream:
+    """One slot's infinite, deterministic record sequence of one sub-stream (see the module docstring).
+
+    Bad records raise :class:`DataError`, or with ``skip_bad`` are counted in ``counter``. Each bad record or shard
+    is counted by exactly one slot per epoch, so the counters summed over ranks and workers are exact.
+    """
+
+    def __init__(
+        self,
+        spec: _SubSpec,
+        slot: int,
+        num_slots: int,
+        *,
+        seed: int,
+        shuffle_buffer: int,
+        skip_bad: bool,
+        counter: SkipCounter,
+        group_size: int = 1,
+    ) -> None:
+        if not 0 <= slot < num_slots:
+            raise ValueError(f"slot {slot} not in [0, {num_slots})")
+        self.spec = spec
+        self.slot = slot
+        self.num_slots = num_slots
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.skip_bad = skip_bad
+        self.counter = counter
+        self.group_size = group_size
+        self.known = frozenset(spec.manifest.totals)
+        self.epoch = 0
+        self.consumed = 0
+        self._it: Iterator[tuple[str, Any, int]] | None = None
+
+    # -- the record sequence of one epoch ------------------------------------------------------------------------
+
+    def _attributed(self, shard: ShardInfo, rec: Any) -> bool:
+        """Is this record this sub-stream's business (to yield, or to report as bad)?"""
+        if self.spec.lang is None:
+            return True
+        lang = rec.get("lang") if isinstance(rec, dict) else None
+        if isinstance(lang, str) and lang in self.spec.configured:
+            return lang == self.spec.lang
+        if isinstance(lang, str) and lang in self.known:
+            return False  # a valid record of a language this run does not use
+        return (
+            self.spec.owner.get(shard.name) == self.spec.lang
+        )  # bad language: reported by the shard's owner
+
+    def _validate(self, where: str, key: str, rec: Any) -> None:
+        if self.spec.lang is not None:
+            check_passage(where, key, rec, self.known)
+            return
+        check_group(where, key, rec)
+        need = self.group_size - 1
+        if len(rec["negatives"]) < need:
+            raise DataError(
+                where,
+                key,
+                "negatives",
+                f"{len(rec['negatives'])} negatives, group_size {self.group_size} needs {need}",
+                reason="too_few_negatives",
+            )
+
+    def _check_languages(self, where: str, shard: ShardInfo, records: list[tuple[str, Any]]) -> None:
+        # Per-language counts are compared only when every record carries a known language; records with a bad
+        # language are reported one by one instead (not twice).
+        if self.spec.lang is None:
+            return
+        langs = Counter(r.get("lang") if isinstance(r, dict) else None for _, r in records)
+        all_known = all(isinstance(k, str) and k in self.known for k in langs)
+        if all_known and dict(langs) != {k: v for k, v in shard.languages.items() if v}:
+            raise DataError(
+                where,
+                None,
+                "languages",
+                f"shard holds {dict(langs)}, manifest says {shard.languages}",
+                reason="manifest_mismatch",
+            )
+
+    def _epoch_records(self, epoch: int) -> Iterator[tuple[str, Any, int]]:
+        shards = list(self.spec.shards)
+        if self.shuffle_buffer > 0:
+            random.Random(_seed(self.seed, self.spec.name, "shards", epoch)).shuffle(shards)
+        split = len(shards) >= self.num_slots
+        mine = shards[self.slot :: self.num_slots] if split else shards
+        position = 0  # record position among this sub-stream's records, for the stride split
+        for shard in mine:
+            where = f"{shard.name} (in {self.spec.manifest.root})"
+            reports_shard = split or self.slot == 0
+            try:
+                records = load_shard(self.spec.manifest, shard)
+                self._check_languages(where, shard, records)
+            except DataError as e:
+                if not self.skip_bad:
+                    raise
+                if reports_shard:
+                    self.counter.skip(e, shard_level=True)
+                continue
+            for key, rec in records:
+                if not self._attributed(shard, rec):
+                    continue
+                if not split:
+                    position += 1
+                    if (position - 1) % self.num_slots != self.slot:
+                        continue
+                try:
+                    self._validate(where, key, rec)
+                except DataError as e:
+                    if not self.skip_bad:
+                        raise
+                    self.counter.skip(e)
+                    continue
+                yield key, rec, epoch
+
+    def _shuffled(self, epoch: int) -> Iterator[tuple[str, Any, int]]:
+        source = self._epoch_records(epoch)
+        size = self.shuffle_buffer
+        if size <= 1:
+            yield from source
+            return
+        rng = random.Random(_seed(self.seed, self.spec.name, "buffer", self.slot, self.num_slots, epoch))
+        buf: list[tuple[str, Any, int]] = []
+        for item in source:
+            if len(buf) < size:
+                buf.append(item)
+                continue
+            k = rng.randrange(size)
+            out, buf[k] = buf[k], item
+            yield out
+        rng.shuffle(buf)
+        yield from buf
+
+    # -- position ------------------------------------------------------------------------------------------------
+
+    def next(self) -> tuple[str, Any, int]:
+        """The next ``(key, record, epoch)``; moves on to the next epoch when one ends."""
+        while True:
+            if self._it is None:
+                self._it = self._shuffled(self.epoch)
+            try:
+                item = next(self._it)
+            except StopIteration:
+                if self.consumed == 0:
+                    raise DataError(
+                        self.spec.name,
+                        None,
+                        "<stream>",
+                        f"slot {self.slot} of {self.num_slots} found no usable record in epoch {self.epoch} "
+                        f"(skipped so far: {self.counter.as_dict()})",
+                        reason="no_records",
+                    ) from None
+                self.epoch += 1
+                self.consumed = 0
+                self._it = None
+                continue
+            self.consumed += 1
+            return item
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def restore(self, st: dict[str, int]) -> None:
+        """Replay epoch ``st["epoch"]`` and drop its first ``st["consumed"]`` records."""
+        self.epoch, self.consumed, self._it = int(st["epoch"]), 0, self._shuffled(int(st["epoch"]))
+        for _ in range(int(st["consumed"])):
+            try:
+                next(self._it)
+            except StopIteration:
+                raise ValueError(
+                    f"stream state for {self.spec.name} (slot {self.slot}) is past the end of epoch {self.epoch}: "
+                    "the shards changed since the state was saved"
+                ) from None
+            self.consumed += 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The plan (picklable; sent to DataLoader workers) and one worker role's producer
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamPlan:
+    rank: int
+    world_size: int
+    num_roles: int
+    seed: int
+    shuffle_buffer: int
+    skip_bad: bool
+    group_size: int
+    queries_per_rank: int
+    languages: list[str]
+    layout: list[int]  # [M_r] language index per erasure slot of this rank
+    users: dict[str, list[int]]  # language -> ranks whose layout uses it
+    erasure: Manifest | None
+    retrieval: Manifest | None
+    collator: Collator
+
+    def erasure_spec(self, lang: str) -> _SubSpec:
+        assert self.erasure is not None
+        configured = frozenset(self.languages)
+        shards, owner = [], {}
+        for s in self.erasure.shards:
+            present = [x for x in self.languages if s.languages.get(x)]
+            if present:
+                owner[s.name] = present[0]
+            if s.languages.get(lang):
+                shards.append(s)
+        return _SubSpec(f"erasure/{lang}", self.erasure, tuple(shards), lang, owner, configured)
+
+
+class _RoleProducer:
+    """Builds the batches of worker role ``role``: steps ``role, role + K, role + 2K, ...`` of this rank."""
+
+    def __init__(self, plan: StreamPlan, role: int) -> None:
+        self.plan = plan
+        self.role = role
+        K, W = plan.num_roles, plan.world_size
+        self.counter = SkipCounter()
+        self.subs: dict[str, SubStream] = {}
+        common = {"seed": plan.seed, "shuffle_buffer": plan.shuffle_buffer, "skip_bad": plan.skip_bad}
+        if plan.erasure is not None:
+            for lang in sorted({plan.languages[i] for i in plan.layout}):
+                users = plan.users[lang]
+                slot = users.index(plan.rank) * K + role
+                spec = plan.erasure_spec(lang)
+                self.subs[spec.name] = SubStream(spec, slot, len(users) * K, counter=self.counter, **common)  # type: ignore[arg-type]
+        if plan.retrieval is not None and plan.queries_per_rank:
+            spec = _SubSpec("retrieval", plan.retrieval, tuple(plan.retrieval.shards), None)
+            self.subs["retrieval"] = SubStream(
+                spec,
+                plan.rank * K + role,
+                W * K,
+                counter=self.counter,
+                group_size=plan.group_size,
+                **common,  # type: ignore[arg-type]
+            )
+        self.next_step = role
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "next_step": self.next_step,
+            "streams": {name: s.state() for name, s in self.subs.items()},
+            "stats": self.counter.as_dict(),
+        }
+
+    def restore(self, st: dict[str, Any]) -> None:
+        if set(st["streams"]) != set(self.subs):
+            raise ValueError(
+                f"stream state has sub-streams {sorted(st['streams'])}, expected {sorted(self.subs)}"
+            )
+        for name, sub in self.subs.items():
+            sub.restore(st["streams"][name])
+        # the replay re-counted the current epoch's skips; the saved counters hold every epoch's
+        self.counter.load(st["stats"])
+        self.next_step = int(st["next_step"])
+
+    def _group(self, key: str, rec: dict[str, Any], epoch: int) -> list[dict[str, Any]]:
+        # Seeded by the group and the epoch: the choice does not depend on which slot reads the group, and a new
+        # epoch draws new negatives (as Tevatron does).
+        rng = random.Random(_seed(self.plan.seed, "group", key, epoch))
+        pos = rec["positives"][rng.randrange(len(rec["positives"]))]
+        negs = rng.sample(rec["negatives"], self.plan.group_size - 1)
+        return [pos, *negs]
+
+    def _raw(self, step: int, materialise: bool) -> dict[str, Any] | None:
+        if step != self.next_step:
+            raise RuntimeError(f"role {self.role} asked for step {step}, its next step is {self.next_step}")
+        plan = self.plan
+        out: dict[str, Any] = {
+            "e_keys": [],
+            "e_texts": [],
+            "q_keys": [],
+            "q_texts": [],
+            "p_ids": [],
+            "p_texts": [],
+        }
+        for lang_id in plan.layout:
+            key, rec, _ = self.subs[f"erasure/{plan.languages[lang_id]}"].next()
+            out["e_keys"].append(key)
+            out["e_texts"].append(rec["text"])
+        for _ in range(plan.queries_per_rank if "retrieval" in self.subs else 0):
+            key, rec, epoch = self.subs["retrieval"].next()
+            out["q_keys"].append(key)
+            if materialise:
+                out["q_texts"].append(rec["query"])
+                for p in self._group(key, rec, epoch):
+                    out["p_ids"].append(p["docid"])
+                    out["p_texts"].append(passage_text(p))
+        self.next_step += self.plan.num_roles
+        return out if materialise else None
+
+    def skip_to(self, step: int) -> None:
+        """Consume (without tokenising) this role's steps before ``step``."""
+        while self.next_step < step:
+            self._raw(self.next_step, materialise=False)
+
+    def batch(self, step: int) -> TrainBatch:
+        raw = self._raw(step, materialise=True)
+        assert raw is not None
+        c = self.plan.collator
+        q_ids, q_mask = c.queries(raw["q_texts"])
+        p_ids, p_mask = c.passages(raw["p_texts"])
+        e_ids, e_mask = c.passages(raw["e_texts"])
+        return TrainBatch(
+            step=step,
+            query_input_ids=q_ids,
+            query_attention_mask=q_mask,
+            passage_input_ids=p_ids,
+            passage_attention_mask=p_mask,
+            erasure_input_ids=e_ids,
+            erasure_attention_mask=e_mask,
+            erasure_languages=torch.tensor(self.plan.layout, dtype=torch.long),
+            query_keys=raw["q_keys"],
+            passage_docids=raw["p_ids"],
+            erasure_keys=raw["e_keys"],
+        )
+
+
+class _StepDataset(IterableDataset):
+    """Worker ``i`` of ``K`` produces steps ``start + i, start + i + K, ...`` below ``end`` (the DataLoader's round
+    robin order), acting as role ``(start + i) % K``; yields ``(batch, role, role_state_after_batch)``."""
+
+    def __init__(
+        self, plan: StreamPlan, start: int, end: int, role_states: dict[int, dict[str, Any]]
+    ) -> None:
+        self.plan, self.start, self.end, self.role_states = plan, start, end, role_states
+
+    def __iter__(self) -> Iterator[tuple[TrainBatch, int, dict[str, Any]]]:
+        info = get_worker_info()
+        K = self.plan.num_roles
+        i = info.id if info is not None else 0
+        if info is not None and info.num_workers != K:
+            raise RuntimeError(f"stream planned for {K} workers, DataLoader has {info.num_workers}")
+        first = self.start + i
+        role = first % K
+        prod = _RoleProducer(self.plan, role)
+        st = self.role_states.get(role)
+        if st is not None:
+            prod.restore(st)
+            if prod.next_step > first:
+                raise ValueError(
+                    f"stream state of worker role {role} is at step {prod.next_step}, after {first}"
+                )
+        prod.skip_to(first)
+        for step in range(first, self.end, K):
+            yield prod.batch(step), role, prod.state()
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The trainer's entry point
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _fingerprint(m: Manifest | None) -> str | None:
+    if m is None:
+        return None
+    return hashlib.sha256("".join(s.sha256 for s in m.shards).encode()).hexdigest()[:16]
+
+
+def _load(path: str, kind: str, fld: str) -> Manifest:
+    try:
+        m = read_manifest(path)
+    except DataError as e:
+        raise ConfigError(fld, path, f"a shard directory with a valid manifest.json ({e})") from e
+    if m.kind != kind:
+        raise ConfigError(fld, path, f"shards of kind '{kind}' (this manifest holds '{m.kind}')")
+    return m
+
+
+class TrainStream:
+    """Iterable over this rank's :class:`TrainBatch` for steps ``start_step .. num_steps - 1`` (default
+    ``cfg.train.steps``). Iterating again continues where the consumed batches ended.
+
+    ``state_dict()`` captures the position per worker role after the last batch handed out (JSON-serialisable);
+    a new stream with ``load_state_dict(sd)`` yields exactly the batches an uninterrupted run yields next. Resuming
+    needs the same shards, world size, rank and ``data.num_workers``.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        tokenizer: Any,
+        *,
+        rank: int,
+        world_size: int,
+        start_step: int = 0,
+        num_steps: int | None = None,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        d = cfg.data
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = d.num_workers
+        self.end = cfg.train.steps if num_steps is None else num_steps
+        if not 0 <= start_step <= self.end:
+            raise ValueError(f"start_step {start_step} not in [0, {self.end}]")
+        self._start_given = start_step
+        self._next_step = start_step
+        self._role_states: dict[int, dict[str, Any]] = {}
+
+        erasure = _load(d.erasure.path, "passages", "data.erasure.path") if d.erasure.path else None
+        retrieval = _load(d.retrieval.path, "groups", "data.retrieval.path") if d.retrieval.path else None
+        if erasure is None and retrieval is None:
+            raise ConfigError("data", "", "data.erasure.path and/or data.retrieval.path")
+        K = max(1, d.num_workers)
+
+        languages: list[str] = []
+        layout: list[int] = []
+        users: dict[str, list[int]] = {}
+        if erasure is not None:
+            languages = list(d.erasure.languages) or erasure.languages
+            unknown = [x for x in languages if not erasure.totals.get(x)]
+            if unknown:
+                raise ConfigError(
+                    "data.erasure.languages",
+                    d.erasure.languages,
+                    f"languages present in {d.erasure.path} ({', '.join(erasure.languages)}); unknown: {unknown}",
+                )
+            m = d.erasure.passages_per_language
+            layouts = [erasure_layout(len(languages), m, world_size, r) for r in range(world_size)]
+            layout = layouts[rank]
+            for lang_id, lang in enumerate(languages):
+                users[lang] = [r for r in range(world_size) if lang_id in layouts[r]]
+                slots = len(users[lang]) * K
+                if erasure.totals[lang] < slots:
+                    raise ConfigError(
+                        "data.erasure.path",
+                        d.erasure.path,
+                        f"at least {slots} '{lang}' passages (one per rank x worker reading it); "
+                        f"the manifest has {erasure.totals[lang]}",
+                    )
+
+        queries_per_rank = 0
+        G = d.retrieval.group_size
+        if retrieval is not None:
+            Q = d.retrieval.queries_per_step
+            if Q % world_size:
+                raise ConfigError(
+                    "data.retrieval.queries_per_step", Q, f"a multiple of the world size {world_size}"
+                )
+            queries_per_rank = Q // world_size
+            if retrieval.num_records < world_size * K:
+                raise ConfigError(
+                    "data.retrieval.path",
+                    d.retrieval.path,
+                    f"at least {world_size * K} groups (ranks x workers); the manifest has {retrieval.num_records}",
+                )
+            # Fail before training when a shard is known to hold too small a group (unless skipping).
+            short = [s for s in retrieval.shards if s.min_negatives is not None and s.min_negatives < G - 1]
+            if short and not d.skip_bad_records:
+                s = short[0]
+                raise DataError(
+                    f"{s.name} (in {retrieval.root})",
+                    None,
+                    "negatives",
+                    f"a group has only {s.min_negatives} negatives; data.retrieval.group_size={G} needs {G - 1} "
+                    "(set data.skip_bad_records: true to skip such groups)",
+                    reason="too_few_negatives",
+                )
+
+        self.languages: list[str] = languages
+        self._plan = StreamPlan(
+            rank=rank,
+            world_size=world_size,
+            num_roles=K,
+            seed=d.seed,
+            shuffle_buffer=d.shuffle_buffer,
+            skip_bad=d.skip_bad_records,
+            group_size=G,
+            queries_per_rank=queries_per_rank,
+            languages=languages,
+            layout=layout,
+            users=users,
+            erasure=erasure,
+            retrieval=retrieval,
+            collator=Collator.from_config(cfg.model, tokenizer),
+        )
+        self._fingerprint = {"erasure": _fingerprint(erasure), "retrieval": _fingerprint(retrieval)}
+
+    @property
+    def next_step(self) -> int:
+        return self._next_step
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Skipped records / shards of this rank so far, by reason (summed over the worker roles)."""
+        total: Counter[str] = Counter()
+        for st in self._role_states.values():
+            total.update(st["stats"])
+        return dict(sorted(total.items()))
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        ds = _StepDataset(self._plan, self._next_step, self.end, dict(self._role_states))
+        source: Any
+        if self.num_workers == 0:
+            source = iter(ds)
+        else:
+            # Workers are forked; keep the tokenizers library from warning about (and disabling) its threads.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            source = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)
+        for batch, role, st in source:
+            if batch.step != self._next_step:
+                raise RuntimeError(f"stream produced step {batch.step}, expected {self._next_step}")
+            self._role_states[role] = st
+            self._next_step += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "next_step": self._next_step,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_roles": self._plan.num_roles,
+            "fingerprint": dict(self._fingerprint),
+            "roles": {str(k): v for k, v in sorted(self._role_states.items())},
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        want = {
+            "format": STATE_FORMAT,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_roles": self._plan.num_roles,
+            "fingerprint": self._fingerprint,
+        }
+        for k, v in want.items():
+            if sd.get(k) != v:
+                hint = " (data.num_workers must not change across a resume)" if k == "num_roles" else ""
+                raise ValueError(f"stream state field '{k}' is {sd.get(k)!r}, this stream has {v!r}{hint}")
+        nxt = int(sd["next_step"])
+        if self._start_given not in (0, nxt):
+            raise ValueError(
+                f"TrainStream(start_step={self._start_given}) but the state resumes at step {nxt}"
+            )
+        if nxt > self.end:
+            raise ValueError(f"stream state is at step {nxt}, past num_steps {self.end}")
+        self._next_step = nxt
+        self._role_states = {int(k): v for k, v in sd["roles"].items()}
