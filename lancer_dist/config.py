@@ -218,7 +218,8 @@ class TrainConfig:
     warmup_steps: int = 0
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float = 1.0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # fp64 is for numerical verification (exactness tests, debugging); not for real training runs.
+    precision: Literal["fp32", "bf16", "fp16", "fp64"] = "fp32"
     seed: int = 42
     # "ddp": Accelerate's DistributedDataParallel (or one process); "deepspeed": DeepSpeed ZeRO via Accelerate.
     strategy: Literal["ddp", "deepspeed"] = "ddp"

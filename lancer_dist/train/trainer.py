@@ -96,7 +96,7 @@ def build_accelerator(cfg: RunConfig) -> Any:
     # On CPU the process group is gloo; Accelerate + DeepSpeed also need it said explicitly (else they count one
     # process and trip over train_batch_size).
     handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and multi else []
-    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
+    mixed = {"fp32": "no", "fp64": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
     plugin = None
     if cfg.train.strategy == "deepspeed":
         os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
@@ -210,6 +210,10 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(cfg.model)
         model = BiEncoder.from_config(cfg.model)
+        # the losses run in float32 (float64 for verification runs) whatever the autocast precision
+        self.loss_dtype = torch.float64 if cfg.train.precision == "fp64" else torch.float32
+        if cfg.train.precision == "fp64":
+            model = model.double()
         optimizer = build_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
@@ -230,11 +234,12 @@ class Trainer:
 
     def _loss(self, q: Tensor, p: Tensor, x: Tensor, langs: Tensor) -> LossOutput:
         c = self.cfg
+        dt = self.loss_dtype
         return lancer_loss(
-            q.float(),
-            p.float(),
+            q.to(dt),
+            p.to(dt),
             c.data.retrieval.group_size,
-            x.float() if x.numel() else None,
+            x.to(dt) if x.numel() else None,
             langs if x.numel() else None,
             self.num_languages,
             temperature=c.model.temperature,
@@ -278,9 +283,7 @@ class Trainer:
                     states.append(torch.get_rng_state())
                     parts.append(enc.encode(ids[sl], mask[sl], is_query=is_q))
                 rng.append(states)
-                embs.append(
-                    torch.cat(parts) if parts else torch.zeros(0, enc.embedding_dim, dtype=torch.float32)
-                )
+                embs.append(torch.cat(parts) if parts else torch.zeros(0, enc.embedding_dim, dtype=self.loss_dtype))
         leaves = [e.detach().requires_grad_(True) for e in embs]
         out = self._loss(*leaves, b.erasure_languages)
         out.loss.backward()
@@ -304,7 +307,7 @@ class Trainer:
                 q, p, _ = self.model(**kw)
                 emb = q if is_q else p
                 # surrogate whose gradient w.r.t. the parameters is J^T g
-                self.accelerator.backward((emb.float() * g).sum())
+                self.accelerator.backward((emb.to(g.dtype) * g).sum())
         torch.set_rng_state(after)
         return out
 
@@ -468,7 +471,7 @@ class Trainer:
             from lancer_dist.model import BiEncoder
 
             cpu_model = BiEncoder.from_config(self.cfg.model)
-            cpu_model.load_state_dict({k: v.float().cpu() for k, v in state.items()})
+            cpu_model.load_state_dict({k: v.cpu() for k, v in state.items()})
             cpu_model.save_pretrained(out, tokenizer=self.tokenizer, extra={"run": self.cfg.name})
         dist.barrier()
         return out

@@ -1,0 +1,96 @@
+"""Helpers to run the real trainer in tests: a small config on the offline backbone + Bible data, and torchrun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lancer_dist.dist import find_free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_config(tmp: Path, bible: Path, model_dir: Path, **sections: Any) -> Path:
+    """A small run config: the shrunk multilingual-e5-small (2 layers) on the test Bible data."""
+    cfg: dict[str, Any] = {
+        "name": "test",
+        "output_dir": str(tmp / "run"),
+        "model": {
+            "name_or_path": str(model_dir),
+            "pooling": "mean",
+            "normalize": True,
+            "temperature": 0.05,
+            "query_prefix": "query: ",
+            "passage_prefix": "passage: ",
+            "max_query_length": 32,
+            "max_passage_length": 32,
+            "dropout": 0.0,
+        },
+        "loss": {"erasure_weight": 1.0},
+        "data": {
+            "retrieval": {"path": str(bible / "retrieval"), "group_size": 2, "queries_per_step": 4},
+            "erasure": {"path": str(bible / "erasure"), "languages": ["en", "fr", "zh", "ar"], "passages_per_language": 2},
+            "num_workers": 0,
+            "shuffle_buffer": 8,
+        },
+        "train": {
+            "steps": 4,
+            "lr": 1e-4,
+            "warmup_steps": 0,
+            "log_every": 1,
+            "seed": 7,
+            "checkpoint": {"dir": str(tmp / "run" / "checkpoints"), "every": 0, "keep_last": 2},
+        },
+        "probe": {"enabled": False, "every": 2, "path": str(bible / "probe"), "train_per_language": 8, "test_per_language": 4},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "test"},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(cfg.get(section), dict):
+            _merge(cfg[section], values)
+        else:
+            cfg[section] = values
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def train_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def torchrun_cmd(nproc: int, *args: str, module: str = "lancer_dist.cli") -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc_per_node", str(nproc), "--nnodes", "1",
+        "--master_addr", "127.0.0.1", "--master_port", str(find_free_port()),
+        "-m", module, *args,
+    ]
+
+
+def run_train(config: Path, *overrides: str, nproc: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "lancer_dist.cli", "train", "--config", str(config), *overrides]
+    else:
+        cmd = torchrun_cmd(nproc, "train", "--config", str(config), *overrides)
+    return subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def check(proc: subprocess.CompletedProcess, code: int = 0) -> None:
+    assert proc.returncode == code, f"exit {proc.returncode} != {code}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}"
