@@ -1,0 +1,334 @@
+"""Source readers: multilingual passages and retrieval groups from Hugging Face datasets or local files, into shards.
+
+Inputs are ``KIND:LOCATION`` strings:
+
+* ``jsonl:<file>`` / ``parquet:<file>`` / ``tsv:<file>`` - one passage (or group) per line / row;
+* ``hf:<hub id or folder>`` - a Hugging Face dataset. A folder written by ``Dataset.save_to_disk`` is opened with
+  ``datasets.load_from_disk``; otherwise ``datasets.load_dataset(id, <config>, split=..., streaming=True)``.
+  For passages with ``languages`` given, each language is the dataset *config* (mC4 style: ``load_dataset("mc4",
+  "fr", ...)``); with a folder, ``<folder>/<lang>`` is loaded when it exists (the same layout saved to disk).
+  After loading, the rows go through the same code whichever way they were loaded.
+
+Passage writing applies, in order: a bad-record check (missing/non-string text or language: an error naming file,
+row and field, or with ``skip_bad`` counted), the language filter, ``empty`` text, the length filter
+(``min_chars``/``max_chars`` on the stripped text), exact-duplicate removal (per language, on the stripped text) and
+the per-language cap. Every record that is not written is counted under one reason; the counts are returned, printed
+by the CLI, and stored in the manifest's ``source``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lancer_dist.data.errors import DataError
+from lancer_dist.data.shards import Manifest, ShardWriter, check_group
+
+__all__ = [
+    "GroupOptions",
+    "PassageOptions",
+    "iter_rows",
+    "tevatron_to_group",
+    "write_group_shards",
+    "write_passage_shards",
+]
+
+INPUT_KINDS = ("jsonl", "parquet", "tsv", "hf")
+
+
+def _split_input(spec: str) -> tuple[str, str]:
+    kind, sep, loc = spec.partition(":")
+    if not sep or kind not in INPUT_KINDS or not loc:
+        raise ValueError(f"input {spec!r}: expected KIND:LOCATION with KIND one of {', '.join(INPUT_KINDS)}")
+    return kind, loc
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(path, f"line {lineno}", "<json>", f"not valid JSON ({e})", "bad_json") from e
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for rec in batch.to_pylist():
+            row += 1
+            yield f"row {row}", rec
+
+
+def _iter_tsv(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, Any]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        for lineno, cells in enumerate(reader, 1):
+            if lineno == 1 and [c.strip() for c in cells] == list(columns):
+                continue  # a header row naming the columns
+            if not cells:
+                continue
+            if len(cells) != len(columns):
+                raise DataError(
+                    path,
+                    f"line {lineno}",
+                    "<columns>",
+                    f"{len(cells)} columns, expected {list(columns)}",
+                    "bad_row",
+                )
+            yield f"line {lineno}", dict(zip(columns, cells))
+
+
+def _load_hf(location: str, config: str | None, split: str) -> Iterable[Any]:
+    """A Hugging Face dataset as an iterable of row dicts: a ``save_to_disk`` folder or a hub id (streamed)."""
+    import datasets
+
+    p = Path(location)
+    if p.exists():
+        if config is not None and (p / config).is_dir():
+            p = p / config
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(p, None, "split", f"no split {split!r} (has {sorted(ds)})", "missing_split")
+            ds = ds[split]
+        return ds
+    return datasets.load_dataset(location, config, split=split, streaming=True)
+
+
+def iter_rows(
+    spec: str, *, config: str | None = None, split: str = "train", tsv_columns: Sequence[str] = ("id", "text")
+) -> Iterator[tuple[str, str, Any]]:
+    """``(where, row_label, row)`` for every row of an input ``KIND:LOCATION`` (see the module docstring)."""
+    kind, loc = _split_input(spec)
+    if kind == "hf":
+        where = f"{loc}" + (f" [{config}]" if config else "") + f" split {split}"
+        for i, row in enumerate(_load_hf(loc, config, split)):
+            yield where, f"row {i + 1}", row
+        return
+    path = Path(loc)
+    if not path.is_file():
+        raise DataError(path, None, "file", "no such file", "missing_file")
+    rows = {"jsonl": _iter_jsonl, "parquet": _iter_parquet}.get(kind)
+    it = rows(path) if rows else _iter_tsv(path, tsv_columns)
+    for label, row in it:
+        yield str(path), label, row
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Passages
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PassageOptions:
+    text_field: str = "text"
+    lang_field: str = "lang"
+    id_field: str = "id"
+    # Language of every row of an input without a language column (e.g. one file per language).
+    lang: str | None = None
+    # Keep only these languages (and, for hub / folder inputs, load one config per language).
+    languages: list[str] = field(default_factory=list)
+    split: str = "train"
+    tsv_columns: list[str] = field(default_factory=lambda: ["id", "text"])
+    min_chars: int = 1
+    max_chars: int | None = None
+    dedup: bool = True
+    max_per_language: int | None = None
+    skip_bad: bool = False
+    max_records_per_shard: int = 10000
+
+
+def _text_hash(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def write_passage_shards(
+    inputs: Sequence[str], out_dir: str | Path, opts: PassageOptions, *, overwrite: bool = False
+) -> tuple[Manifest, dict[str, Any]]:
+    """Write passage shards (one language per shard) from ``inputs``; returns the manifest and the counts
+    ``{"written": {lang: n}, "filtered": {reason: n}, "bad": {reason: n}}`` (also stored in the manifest)."""
+    if opts.min_chars < 0 or (opts.max_chars is not None and opts.max_chars < opts.min_chars):
+        raise ValueError(f"min_chars {opts.min_chars} / max_chars {opts.max_chars}: expected 0 <= min <= max")
+    if not inputs:
+        raise ValueError("no inputs given")
+    keep = set(opts.languages)
+    written: Counter[str] = Counter()
+    filtered: Counter[str] = Counter()
+    bad: Counter[str] = Counter()
+    seen: dict[str, set[bytes]] = defaultdict(set)
+    source = {"kind": "passages", "inputs": list(inputs), "options": asdict(opts)}
+    with ShardWriter(
+        out_dir,
+        "passages",
+        max_records_per_shard=opts.max_records_per_shard,
+        source=source,
+        overwrite=overwrite,
+    ) as writer:
+        for spec in inputs:
+            kind, loc = _split_input(spec)
+            # mC4-style inputs: one dataset config (or saved sub-folder) per language, each streamed only until
+            # that language is capped. A saved folder without per-language sub-folders is read once.
+            per_lang = kind == "hf" and bool(opts.languages)
+            if per_lang and Path(loc).exists():
+                per_lang = all((Path(loc) / x).is_dir() for x in opts.languages)
+            configs: list[str | None] = list(opts.languages) if per_lang else [None]
+            for config in configs:
+                for where, label, row in iter_rows(
+                    spec, config=config, split=opts.split, tsv_columns=opts.tsv_columns
+                ):
+                    lang_default = config or opts.lang
+                    try:
+                        if not isinstance(row, dict):
+                            raise DataError(where, label, "<row>", "not an object", "not_object")
+                        text = row.get(opts.text_field)
+                        if not isinstance(text, str):
+                            raise DataError(
+                                where, label, opts.text_field, "missing or not a string", "missing_text"
+                            )
+                        lang = row[opts.lang_field] if opts.lang_field in row else lang_default
+                        if not isinstance(lang, str) or not lang:
+                            raise DataError(
+                                where,
+                                label,
+                                opts.lang_field,
+                                "missing language (give --lang for the file)",
+                                "missing_lang",
+                            )
+                    except DataError as e:
+                        if not opts.skip_bad:
+                            raise
+                        bad[e.reason] += 1
+                        continue
+                    if keep and lang not in keep:
+                        filtered["other_language"] += 1
+                        continue
+                    stripped = text.strip()
+                    if not stripped:
+                        filtered["empty"] += 1
+                        continue
+                    if len(stripped) < opts.min_chars:
+                        filtered["too_short"] += 1
+                        continue
+                    if opts.max_chars is not None and len(stripped) > opts.max_chars:
+                        filtered["too_long"] += 1
+                        continue
+                    if opts.dedup:
+                        h = _text_hash(stripped)
+                        if h in seen[lang]:
+                            filtered["duplicate"] += 1
+                            continue
+                        seen[lang].add(h)
+                    if opts.max_per_language is not None and written[lang] >= opts.max_per_language:
+                        filtered["capped"] += 1
+                        if config is not None:
+                            break  # nothing more of this language will be written: stop streaming it
+                        continue
+                    rec: dict[str, Any] = {"text": stripped, "lang": lang, "source": where}
+                    rid = row.get(opts.id_field)
+                    rec["id"] = str(rid) if rid is not None else f"{Path(where).name}:{label}"
+                    writer.write(f"{lang}-{written[lang]:09d}", rec)
+                    written[lang] += 1
+        counts = {"written": dict(sorted(written.items())), "filtered": dict(filtered), "bad": dict(bad)}
+        writer.source["counts"] = counts
+    assert writer.manifest is not None
+    return writer.manifest, counts
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Retrieval groups (Tevatron / msmarco-passage style)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GroupOptions:
+    split: str = "train"
+    # Groups with fewer stored negatives are not written (counted); the reader's group size needs G - 1.
+    min_negatives: int = 0
+    # Store at most this many negatives per group (the first ones, as given); None = all.
+    max_negatives: int | None = None
+    skip_bad: bool = False
+    max_records_per_shard: int = 10000
+
+
+def tevatron_to_group(row: Any, where: str, label: str) -> dict[str, Any]:
+    """A Tevatron record ``{query_id, query, positive_passages, negative_passages}`` (each passage ``{docid,
+    title, text}``) as a group record ``{query_id, query, positives, negatives}``; :class:`DataError` if malformed."""
+    if not isinstance(row, dict):
+        raise DataError(where, label, "<row>", "not an object", "not_object")
+
+    def passages(name: str) -> Any:
+        items = row.get(name)
+        if not isinstance(items, list):
+            raise DataError(where, label, name, "missing or not a list", f"missing_{name}")
+        out = []
+        for i, p in enumerate(items):
+            if not isinstance(p, dict):
+                raise DataError(where, label, f"{name}[{i}]", "not an object", f"bad_{name}")
+            q = {"docid": str(p.get("docid", "")), "text": p.get("text"), "title": p.get("title") or ""}
+            out.append(q)
+        return out
+
+    rec = {
+        "query_id": str(row.get("query_id", "")),
+        "query": row.get("query"),
+        "positives": passages("positive_passages"),
+        "negatives": passages("negative_passages"),
+    }
+    try:
+        check_group(where, label, rec)
+    except DataError as e:  # name the source's field, not the shard's
+        fld = e.field.replace("positives", "positive_passages").replace("negatives", "negative_passages")
+        raise DataError(where, label, fld, e.message, e.reason) from None
+    return rec
+
+
+def write_group_shards(
+    inputs: Sequence[str], out_dir: str | Path, opts: GroupOptions, *, overwrite: bool = False
+) -> tuple[Manifest, dict[str, Any]]:
+    """Write retrieval-group shards from Tevatron-style ``inputs`` (``jsonl:`` / ``parquet:`` / ``hf:``)."""
+    if not inputs:
+        raise ValueError("no inputs given")
+    written = 0
+    filtered: Counter[str] = Counter()
+    bad: Counter[str] = Counter()
+    source = {"kind": "groups", "inputs": list(inputs), "options": asdict(opts)}
+    with ShardWriter(
+        out_dir,
+        "groups",
+        max_records_per_shard=opts.max_records_per_shard,
+        source=source,
+        overwrite=overwrite,
+    ) as writer:
+        for spec in inputs:
+            if spec.startswith("tsv:"):
+                raise ValueError(f"input {spec!r}: groups are read from jsonl:, parquet: or hf: inputs")
+            for where, label, row in iter_rows(spec, split=opts.split):
+                try:
+                    rec = tevatron_to_group(row, where, label)
+                except DataError as e:
+                    if not opts.skip_bad:
+                        raise
+                    bad[e.reason] += 1
+                    continue
+                if len(rec["negatives"]) < opts.min_negatives:
+                    filtered["too_few_negatives"] += 1
+                    continue
+                if opts.max_negatives is not None:
+                    rec["negatives"] = rec["negatives"][: opts.max_negatives]
+                writer.write(f"g{written:09d}", rec)
+                written += 1
+        counts = {"written": written, "filtered": dict(filtered), "bad": dict(bad)}
+        writer.source["counts"] = counts
+    assert writer.manifest is not None
+    return writer.manifest, counts
