@@ -196,7 +196,7 @@ def write_passage_shards(
                             raise DataError(
                                 where, label, opts.text_field, "missing or not a string", "missing_text"
                             )
-                        lang = row[opts.lang_field] if opts.lang_field in row else lang_default
+                        lang = row.get(opts.lang_field, lang_default)
                         if not isinstance(lang, str) or not lang:
                             raise DataError(
                                 where,

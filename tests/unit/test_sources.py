@@ -88,7 +88,7 @@ def test_huggingface_saved_per_language_and_single_folder(tmp_path: Path) -> Non
         datasets.Dataset.from_dict(
             {"text": [r["text"] for r in rows], "url": [r["id"] for r in rows]}
         ).save_to_disk(str(tmp_path / "mc4" / lang))
-    m, counts = write_passage_shards([f"hf:{tmp_path / 'mc4'}"], tmp_path / "o1", PassageOptions(**OPTS))
+    _m, counts = write_passage_shards([f"hf:{tmp_path / 'mc4'}"], tmp_path / "o1", PassageOptions(**OPTS))
     # per-language configs never load 'de'; the cap stops streaming 'en' at its 3rd passing record ("i")
     assert counts["written"] == EXPECTED["written"]
     assert counts["filtered"] == {k: v for k, v in EXPECTED["filtered"].items() if k != "other_language"}
@@ -114,7 +114,7 @@ def test_bad_rows_error_or_counted(tmp_path: Path) -> None:
     )
     assert counts == {"written": {"en": 1}, "filtered": {}, "bad": {"missing_text": 1, "missing_lang": 1}}
     f.write_text('{"text": "ok", "lang": "en"}\nnot json\n')
-    with pytest.raises(DataError, match="line 2.*<json>"):
+    with pytest.raises(DataError, match=r"line 2.*<json>"):
         write_passage_shards([f"jsonl:{f}"], tmp_path / "o", PassageOptions(), overwrite=True)
 
 
