@@ -341,14 +341,8 @@ class _Outbox:
             try:
                 self._deliver(batch)
             except Exception as e:
-                with self._cv:
-                    self._attempted_end = max(self._attempted_end, batch_end)
-                    self._cv.notify_all()
-                if not _is_transient(e):
-                    self._skip(batch, e)
-                    self._commit(batch_end)
-                    continue
-                if not self.down:
+                transient = _is_transient(e)
+                if transient and not self.down:
                     self.down = True
                     log.warning(
                         "MLflow tracking at %s is unreachable (%s: %s). Training continues; records are kept in "
@@ -359,6 +353,13 @@ class _Outbox:
                         self.spool,
                         self.retry_seconds,
                     )
+                with self._cv:
+                    self._attempted_end = max(self._attempted_end, batch_end)
+                    self._cv.notify_all()
+                if not transient:
+                    self._skip(batch, e)
+                    self._commit(batch_end)
+                    continue
                 with self._cv:
                     self._kick = False
                     until = time.monotonic() + self.retry_seconds
@@ -945,22 +946,39 @@ def upload_spool(
     return done
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m lancer_dist.train.tracking", description=__doc__.split("\n")[0]
+def register(sub: Any, name: str = "tracking-upload") -> None:
+    """Add ``tracking-upload RUN_DIR [--tracking-uri URI]`` to an argparse sub-parser set (``lancer`` verb modules)."""
+    up = sub.add_parser(
+        name,
+        help="deliver the MLflow records a tracking outage left in <run_dir>/mlflow_spool",
+        description=upload_spool.__doc__,
     )
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    up = sub.add_parser("upload", help="deliver a run's MLflow spool (records a tracking outage left behind)")
     up.add_argument("run_dir")
     up.add_argument("--tracking-uri", default=None, help="default: the URI recorded in the spool")
     up.add_argument(
         "--timeout", type=float, default=None, help="give up after this many seconds (default: never)"
     )
     up.add_argument("--retry-seconds", type=float, default=5.0)
-    args = parser.parse_args(argv)
+    up.set_defaults(func=_upload_cmd)
+
+
+def _upload_cmd(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    ok = upload_spool(args.run_dir, args.tracking_uri, args.timeout, args.retry_seconds)
+    try:
+        ok = upload_spool(args.run_dir, args.tracking_uri, args.timeout, args.retry_seconds)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lancer_dist.train.tracking upload RUN_DIR [--tracking-uri URI]``."""
+    parser = argparse.ArgumentParser(prog="python -m lancer_dist.train.tracking")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    register(sub, name="upload")
+    args = parser.parse_args(argv)
+    return int(args.func(args))
 
 
 if __name__ == "__main__":

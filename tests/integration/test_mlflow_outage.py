@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from lancer_dist.config import RunConfig, TrackingConfig, config_to_dict
 from lancer_dist.train.tracking import SPOOL_DIRNAME, Tracker, upload_spool
+from lancer_dist.train.tracking import main as tracking_main
 from tests.servers import MlflowServer, free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -140,7 +141,8 @@ def test_unreachable_for_the_whole_run_then_upload(
     ), msgs
 
     # Later, with a reachable server: deliver everything the run left behind, in order, into a new run.
-    assert upload_spool(run_dir, tracking_uri=server.uri, timeout_s=120)
+    # (the command the error message prints, run in-process)
+    assert tracking_main(["upload", str(run_dir), "--tracking-uri", server.uri, "--timeout", "120"]) == 0
     run_id = Tracker.stored_run_id(run_dir)
     assert run_id is not None
     client = MlflowClient(server.uri)
