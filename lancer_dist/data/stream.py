@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import random
 from collections import Counter
@@ -616,9 +617,18 @@ class TrainStream:
         if self.num_workers == 0:
             source = iter(ds)
         else:
-            # Workers are forked; keep the tokenizers library from warning about (and disabling) its threads.
+            # Fork the workers where possible, even when this process was itself spawned (its default method is
+            # then "spawn", and every worker would re-import torch and transformers: ~10 s each). The workers
+            # only read files and tokenise. Keep the tokenizers library from warning about its threads.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            source = DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity)
+            ctx = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+            source = DataLoader(
+                ds,
+                batch_size=None,
+                num_workers=self.num_workers,
+                collate_fn=_identity,
+                multiprocessing_context=ctx,
+            )
         for batch, role, st in source:
             if batch.step != self._next_step:
                 raise RuntimeError(f"stream produced step {batch.step}, expected {self._next_step}")
