@@ -288,6 +288,8 @@ class SlurmCluster:
         # A unique cluster name per instance: slurmctld refuses a StateSaveLocation written by another cluster.
         lines = [
             f"ClusterName=lancer{self.ctld_port}",
+            # Job ids differ between clusters started at the same time (things keyed by job id never collide).
+            f"FirstJobId={1000 + self.ctld_port * 10}",
             f"SlurmctldHost={host}(127.0.0.1)",
             f"SlurmctldPort={self.ctld_port}",
             f"SlurmUser={user}",

@@ -1,0 +1,145 @@
+"""``lancer submit slurm`` against a real SLURM (slurmctld + 2 emulated slurmd nodes) and a real MLflow server.
+
+One 2-node CPU training job (torchrun per node, gloo, configs/tiny.yaml on the offline Bible data):
+* it is signalled for preemption mid-run the way SLURM does before a time limit (USR1 to the batch shell:
+  ``scancel --signal=USR1 --batch``): the trainer checkpoints and exits 75, the script requeues the job, the job
+  starts again, resumes from the checkpoint (not from step 0) and finishes;
+* it logged to the MLflow server: one run, named after the job id, with every step's loss across the restart;
+* it left checkpoints and a final model;
+* a token in the submitting environment reached neither the sbatch script, the job log nor the MLflow params.
+
+Skips when SLURM is not installed (scripts/install_schedulers.sh installs it as root; CI does).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.servers import MlflowServer, SlurmCluster, free_port
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "tok-Zq8x1-not-a-real-token"
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def mlflow(tmp_path_factory: pytest.TempPathFactory):
+    with MlflowServer(tmp_path_factory.mktemp("mlflow")) as srv:
+        yield srv
+
+
+def _submit(slurm: SlurmCluster, args: list[str], env: dict[str, str]) -> dict[str, int]:
+    r = subprocess.run(
+        [sys.executable, "-m", "lancer_dist.cli", "submit", "slurm", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    ids = {m.group(1): int(m.group(2)) for m in re.finditer(r"submitted (\w+): job (\d+)", r.stdout)}
+    assert "train" in ids, r.stdout
+    assert "MLflow: experiment 'lancer-tiny'" in r.stdout, r.stdout
+    return ids
+
+
+def _wait_for(pred, timeout: float, what: str, on_fail=lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}\n{on_fail()}")
+
+
+def test_two_node_training_preempted_requeued_resumed(
+    tmp_path: Path, mlflow: MlflowServer, e5_small_model_dir: Path, bible_data: Path
+):
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints"
+    logs = tmp_path / "slurm-logs"
+    with SlurmCluster(tmp_path / "slurm") as slurm:
+        env = dict(
+            slurm.env,
+            OMP_NUM_THREADS="1",
+            MLFLOW_TRACKING_TOKEN=TOKEN,  # must never be written anywhere
+            LANCER_RDZV_PORT=str(free_port()),  # the test's cluster shares the host with other test runs
+            PYTHONPATH=str(REPO),
+        )
+        overrides = [
+            f"model.tokenizer={e5_small_model_dir}",
+            f"data.retrieval.path={bible_data / 'retrieval'}",
+            f"data.erasure.path={bible_data / 'erasure'}",
+            f"output_dir={run}",
+            f"train.checkpoint.dir={ckpt}",
+            f"train.steps={STEPS}",
+            "train.warmup_steps=1",
+            "train.checkpoint.every=4",
+            "probe.enabled=false",
+            f"tracking.tracking_uri={mlflow.uri}",
+        ]
+        ids = _submit(
+            slurm,
+            ["--config", "configs/tiny.yaml", "--nodes", "2", "--gpus-per-node", "0", "--log-dir", str(logs)]
+            + ["--signal-seconds", "60", *overrides],
+            env,
+        )
+        job = ids["train"]
+        log = logs / f"lancer-{job}.out"
+        script = next(logs.glob("lancer-train-*.sbatch")).read_text()
+        assert TOKEN not in script and "--rdzv_backend=c10d" in script and "--signal=B:USR1@60" in script
+
+        # Preempt once training is under way (a checkpoint exists), as SLURM does before the time limit.
+        def done_ckpts() -> list[int]:  # complete checkpoints only (step-N.tmp is one being written)
+            return [int(p.name[5:]) for p in ckpt.glob("step-*") if p.name[5:].isdigit()]
+
+        _wait_for(lambda: bool(done_ckpts()), 300, "the first checkpoint", lambda: log.read_text()[-3000:])
+        first_ckpt = max(done_ckpts())
+        slurm.run(["scancel", "--signal=USR1", "--batch", str(job)])
+        def requeued() -> bool:
+            info = slurm.job(job)
+            return int(info.get("Restarts", "0")) >= 1 and info.get("JobState") in ("PENDING", "RUNNING", "COMPLETED")
+
+        _wait_for(requeued, 180, "the requeue", lambda: log.read_text()[-3000:])
+        # SLURM holds a requeued batch job for 120 s (BeginTime = requeue time + 120 s, hard-coded); an operator may
+        # release it early, which is what a test does rather than sleep.
+        if slurm.job(job).get("JobState") == "PENDING":
+            slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+        info = slurm.wait(job, timeout=400)
+        text = log.read_text()
+        assert info["JobState"] == "COMPLETED", f"{info}\n{text[-4000:]}"
+        assert int(info["Restarts"]) == 1
+        assert "lancer: preempted: requeueing" in text
+
+        # Resumed from a checkpoint at or after the one seen before the signal, not from scratch.
+        resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", text)]
+        assert resumed and resumed[0] >= first_ckpt, text[-4000:]
+        assert resumed[0] < STEPS, "preempted after the last step: the test did not exercise a resume"
+        assert (ckpt / f"step-{STEPS:08d}").is_dir()
+        assert (run / "final_model").is_dir()
+        assert TOKEN not in text
+
+    # One MLflow run (named after the job id) holds every step, before and after the restart.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow.uri)
+    exp = client.get_experiment_by_name("lancer-tiny")
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = 'tiny-{job}'")
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    hist = client.get_metric_history(runs[0].info.run_id, "loss/total")
+    steps = sorted({m.step for m in hist})
+    assert steps == list(range(1, STEPS + 1)) or steps == list(range(STEPS)), steps
+    params = runs[0].data.params
+    assert params and all(TOKEN not in v for v in params.values())
+    assert os.environ.get("MLFLOW_TRACKING_TOKEN") != TOKEN  # the test did not leak it into its own process
