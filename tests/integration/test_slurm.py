@@ -88,12 +88,17 @@ def test_two_node_training_preempted_requeued_resumed(
             "probe.enabled=false",
             f"tracking.tracking_uri={mlflow.uri}",
         ]
-        ids = _submit(
-            slurm,
-            ["--config", "configs/tiny.yaml", "--nodes", "2", "--gpus-per-node", "0", "--log-dir", str(logs)]
-            + ["--signal-seconds", "60", *overrides],
-            env,
-        )
+        launch = [
+            "--config",
+            "configs/tiny.yaml",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "0",
+            "--log-dir",
+            str(logs),
+        ]
+        ids = _submit(slurm, [*launch, "--signal-seconds", "60", *overrides], env)
         job = ids["train"]
         log = logs / f"lancer-{job}.out"
         script = next(logs.glob("lancer-train-*.sbatch")).read_text()
@@ -106,9 +111,14 @@ def test_two_node_training_preempted_requeued_resumed(
         _wait_for(lambda: bool(done_ckpts()), 300, "the first checkpoint", lambda: log.read_text()[-3000:])
         first_ckpt = max(done_ckpts())
         slurm.run(["scancel", "--signal=USR1", "--batch", str(job)])
+
         def requeued() -> bool:
             info = slurm.job(job)
-            return int(info.get("Restarts", "0")) >= 1 and info.get("JobState") in ("PENDING", "RUNNING", "COMPLETED")
+            return int(info.get("Restarts", "0")) >= 1 and info.get("JobState") in (
+                "PENDING",
+                "RUNNING",
+                "COMPLETED",
+            )
 
         _wait_for(requeued, 180, "the requeue", lambda: log.read_text()[-3000:])
         # SLURM holds a requeued batch job for 120 s (BeginTime = requeue time + 120 s, hard-coded); an operator may
