@@ -92,10 +92,11 @@ _URI_USERINFO = re.compile(
     r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^/\s:@'\"]*)(?::(?P<pw>[^/\s@'\"]*))?@"
 )
 _NAME = r"[A-Za-z_][A-Za-z0-9_.\-]*"
-# name=value, name: value, "name": "value", name="value" (values end at whitespace, quotes, comma, semicolon, &).
-_ASSIGN = re.compile(
-    rf"(?P<pre>(?P<q>[\"']?)(?P<name>{_NAME})(?P=q)\s*(?P<sep>=|:)\s*(?P<vq>[\"']?))(?P<val>[^\s\"',;&}}\]]+)"
-)
+# The key of a name=value, name: value, "name": "value" or name="value" pair; the value is matched separately from
+# the key's end, so a secret pair inside another pair's value (--comment=password=x) is still found.
+_KEY = re.compile(rf"(?P<q>[\"']?)(?P<name>{_NAME})(?P=q)\s*(?:=|:)\s*[\"']?")
+_VALUE = re.compile(r"[^\s\"',;&}\]]+")
+_AUTH_SCHEMES = ("bearer", "basic", "token", "digest")
 # HTTP auth headers: the scheme word is kept, the credential goes.
 _AUTH_HEADER = re.compile(
     r"(?i)(?P<pre>\bauthorization[\"']?\s*[:=]\s*[\"']?(?:bearer|basic|token|digest)\s+)(?P<val>[^\s\"',;]+)"
@@ -133,19 +134,7 @@ def redact(text: str, env: Mapping[str, str] | None = None, extra: Iterable[str]
     out = redact_uri(out)
     out = _AUTH_HEADER.sub(lambda m: m.group("pre") + REDACTED, out)
 
-    def assign(m: re.Match[str]) -> str:
-        if not is_secret_name(m.group("name")) or m.group("val") == REDACTED:
-            return m.group(0)
-        if m.group("val").lower() in (
-            "bearer",
-            "basic",
-            "token",
-            "digest",
-        ):  # already handled by _AUTH_HEADER
-            return m.group(0)
-        return m.group("pre") + REDACTED
-
-    out = _ASSIGN.sub(assign, out)
+    out = _redact_assignments(out)
 
     def flag(m: re.Match[str]) -> str:
         if not is_secret_name(m.group("name")) or m.group("val") == REDACTED:
@@ -153,6 +142,22 @@ def redact(text: str, env: Mapping[str, str] | None = None, extra: Iterable[str]
         return m.group("pre") + REDACTED
 
     return _FLAG.sub(flag, out)
+
+
+def _redact_assignments(text: str) -> str:
+    parts: list[str] = []
+    pos = 0
+    for m in _KEY.finditer(text):
+        if m.start() < pos or not is_secret_name(m.group("name")):
+            continue
+        v = _VALUE.match(text, m.end())
+        # Auth schemes are handled by _AUTH_HEADER (the credential follows the scheme word).
+        if v is None or v.group(0) == REDACTED or v.group(0).lower() in _AUTH_SCHEMES:
+            continue
+        parts += [text[pos : v.start()], REDACTED]
+        pos = v.end()
+    parts.append(text[pos:])
+    return "".join(parts)
 
 
 def redact_mapping(d: Mapping[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Any]:

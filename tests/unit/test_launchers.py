@@ -1,0 +1,190 @@
+"""Rendering and validation of ``lancer submit slurm|ray`` (no scheduler needed; the integration tests submit)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launchers.ray_jobs import DEFAULT_EXCLUDES, RayJob, entrypoint, runtime_env
+from launchers.slurm import (
+    PREEMPTED_EXIT_CODE,
+    SlurmJob,
+    SubmitError,
+    render_step_script,
+    render_train_script,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+CFG = str(REPO / "configs" / "tiny.yaml")
+
+
+def _bash_syntax_ok(script: str, tmp_path: Path) -> None:
+    p = tmp_path / "job.sbatch"
+    p.write_text(script)
+    r = subprocess.run(["bash", "-n", str(p)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def _sbatch_options(script: str) -> list[str]:
+    return [line[len("#SBATCH ") :] for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
+def test_cpu_multinode_script(tmp_path: Path):
+    job = SlurmJob(
+        config=CFG, nodes=2, overrides=["train.lr=1e-4"], time="01:00:00", partition="cpu", workdir=str(REPO)
+    )
+    script = render_train_script(job, "tiny")
+    _bash_syntax_ok(script, tmp_path)
+    opts = _sbatch_options(script)
+    for o in ["--nodes=2", "--ntasks-per-node=1", "--time=01:00:00", "--partition=cpu", "--requeue"]:
+        assert o in opts
+    assert "--signal=B:USR1@300" in opts
+    assert not any(o.startswith("--gpus") for o in opts)
+    assert "export CUDA_VISIBLE_DEVICES=" in script  # -> gloo in lancer_dist.dist
+    assert "--nnodes=2 --nproc_per_node=1" in script and "--rdzv_backend=c10d" in script
+    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in script and "NodeAddr=" in script
+    assert f'"$rc" -eq {PREEMPTED_EXIT_CODE}' in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+    assert "trap on_preempt USR1" in script
+    assert f"lancer_dist.cli train --config {CFG} train.lr=1e-4" in script
+    assert '"tracking.run_name=tiny-$SLURM_JOB_ID"' in script  # same name after a requeue (same job id)
+
+
+def test_gpu_script_uses_nccl_env_and_one_rank_per_gpu(tmp_path: Path):
+    job = SlurmJob(config=CFG, nodes=4, gpus_per_node=8, cpus_per_task=64, workdir=str(REPO))
+    script = render_train_script(job)
+    _bash_syntax_ok(script, tmp_path)
+    opts = _sbatch_options(script)
+    assert "--gpus-per-node=8" in opts and "--cpus-per-task=64" in opts
+    assert "--nnodes=4 --nproc_per_node=8" in script
+    assert "TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in script
+    assert "CUDA_VISIBLE_DEVICES=" not in script
+
+
+def test_no_requeue(tmp_path: Path):
+    script = render_train_script(SlurmJob(config=CFG, requeue=False, workdir=str(REPO)))
+    _bash_syntax_ok(script, tmp_path)
+    assert "--no-requeue" in _sbatch_options(script)
+    assert "trap on_preempt" not in script and "scontrol requeue" not in script
+
+
+def test_rendezvous_port_is_per_job_and_in_range():
+    """Evaluate the script's own port line with bash for consecutive and far-apart job ids."""
+    line = next(
+        ln for ln in render_train_script(SlurmJob(config=CFG)).splitlines() if ln.startswith("RDZV_PORT=")
+    )
+    ports = []
+    for jid in [1, 2, 3, 14999, 15000, 123456]:
+        r = subprocess.run(
+            ["bash", "-c", f'{line}; echo "$RDZV_PORT"'],
+            env={"SLURM_JOB_ID": str(jid), "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+        )
+        ports.append(int(r.stdout))
+    assert all(15000 <= p < 30000 for p in ports)
+    assert len(set(ports[:4])) == 4  # neighbouring jobs differ
+    r = subprocess.run(
+        ["bash", "-c", f'{line}; echo "$RDZV_PORT"'],
+        env={"SLURM_JOB_ID": "7", "LANCER_RDZV_PORT": "23456"},
+        capture_output=True,
+        text=True,
+    )
+    assert r.stdout.strip() == "23456"
+
+
+def test_chained_step_script(tmp_path: Path):
+    job = SlurmJob(config=CFG, nodes=2, then=["eval"], overrides=["eval.top_k=10"], workdir=str(REPO))
+    script = render_step_script(job, "eval")
+    _bash_syntax_ok(script, tmp_path)
+    assert "--nodes=1" in _sbatch_options(script)
+    assert f"lancer_dist.cli eval --config {CFG} eval.top_k=10" in script
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "arg"),
+    [
+        ({"nodes": 0}, "--nodes"),
+        ({"gpus_per_node": -1}, "--gpus-per-node"),
+        ({"gpus_per_node": 4, "procs_per_node": 2}, "--procs-per-node"),
+        ({"time": "1 hour"}, "--time"),
+        ({"then": ["search"]}, "--then"),
+        ({"job_name": "a b"}, "--job-name"),
+        ({"signal_seconds": 1}, "--signal-seconds"),
+        ({"env": {"1BAD": "x"}}, "--env"),
+    ],
+)
+def test_invalid_submission_names_the_argument(kwargs: dict, arg: str):
+    with pytest.raises(SubmitError) as e:
+        render_train_script(SlurmJob(config=CFG, **kwargs))
+    assert e.value.arg == arg and str(e.value).startswith(arg)
+
+
+def _lancer(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lancer_dist.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_dry_run_prints_scripts_and_submits_nothing(tmp_path: Path):
+    r = _lancer(
+        "submit", "slurm", "--config", "configs/tiny.yaml", "--nodes", "2", "--then", "encode,eval",
+        "--log-dir", str(tmp_path / "logs"), "--dry-run", "train.steps=3",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("#!/bin/bash") == 3
+    assert (
+        "afterok" in r.stdout and "lancer_dist.cli encode" in r.stdout and "lancer_dist.cli eval" in r.stdout
+    )
+    assert not (tmp_path / "logs").exists()
+
+
+def test_cli_rejects_a_bad_config_before_submitting():
+    r = _lancer("submit", "slurm", "--config", "configs/tiny.yaml", "--dry-run", "train.steps=0")
+    assert r.returncode == 2 and "train.steps" in r.stderr
+    r = _lancer("submit", "slurm", "--config", "configs/tiny.yaml", "--nodes", "0", "--dry-run")
+    assert r.returncode == 2 and "--nodes" in r.stderr
+
+
+def test_ray_entrypoint_and_runtime_env(tmp_path: Path):
+    job = RayJob(config=CFG, nproc=2, overrides=["train.steps=3"], working_dir=str(REPO))
+    ep = entrypoint(job)
+    assert ep.startswith(
+        "python -m torch.distributed.run --standalone --nproc_per_node=2 -m lancer_dist.cli train"
+    )
+    assert "--config configs/tiny.yaml train.steps=3" in ep  # relative to the packaged working dir
+    cfg = yaml.safe_load(Path(CFG).read_text())
+    # Relative outputs are pinned to the submitting directory (Ray's copy of the working dir is temporary).
+    assert f"output_dir={REPO / cfg['output_dir']}" in ep
+    assert f"train.checkpoint.dir={REPO / cfg['train']['checkpoint']['dir']}" in ep
+    env = runtime_env(job)
+    assert env["working_dir"] == str(REPO) and set(DEFAULT_EXCLUDES) <= set(env["excludes"])
+    assert {".venv", ".cache", "runs"} <= set(env["excludes"])
+    assert Path(env["env_vars"]["LANCER_CACHE"]).is_absolute()
+    assert env["env_vars"]["CUDA_VISIBLE_DEVICES"] == ""
+
+    ev = entrypoint(RayJob(config=CFG, verb="eval", working_dir=str(REPO)))
+    assert ev.startswith("python -m lancer_dist.cli eval --config configs/tiny.yaml")
+    assert "torch.distributed.run" not in ev
+
+
+def test_ray_job_validation(tmp_path: Path):
+    with pytest.raises(SubmitError, match="verb"):
+        RayJob(config=CFG, verb="search").validate()
+    with pytest.raises(SubmitError, match="--nproc"):
+        RayJob(config=CFG, nproc=0).validate()
+    with pytest.raises(SubmitError, match="--working-dir"):
+        RayJob(config=CFG, working_dir=str(tmp_path / "missing")).validate()
+
+
+def test_cli_help_lists_submit():
+    r = _lancer("submit", "--help")
+    assert r.returncode == 0 and re.search(r"slurm", r.stdout) and re.search(r"ray", r.stdout)
