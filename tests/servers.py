@@ -501,6 +501,8 @@ class RayCluster:
             RAY_USAGE_STATS_ENABLED="0",
             # A test cluster has nothing to drain: without this, SIGTERM waits 30 s per node.
             RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+            # Job entrypoints run `python ...` with the nodes' PATH: make it this environment's interpreter.
+            PATH=f"{_VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         )
         self.env.pop("RAY_ADDRESS", None)
         # Ray rewrites 127.0.0.1 to the host's routable address for its own GCS / raylet ports (on purpose, see
