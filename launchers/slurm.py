@@ -34,6 +34,7 @@ __all__ = [
     "render_step_script",
     "render_train_script",
     "submit",
+    "trained_model_overrides",
 ]
 
 # The trainer's "checkpointed after a preemption signal, please requeue" exit code (lancer_dist.train); kept here
@@ -187,10 +188,23 @@ def _env_lines(job: SlurmJob, gpu: bool) -> list[str]:
     return lines
 
 
+def trained_model_overrides(job: SlurmJob) -> list[str]:
+    """Overrides that point a chained encode / eval step at the model the training step writes
+    (``<output_dir>/final_model``: weights and tokenizer), unless the overrides already name a model."""
+    if any(o.startswith("model.name_or_path=") for o in job.overrides):
+        return []
+    from lancer_dist.config import load_config
+
+    cfg = load_config(_abs(job, job.config), job.overrides)
+    final = _abs(job, cfg.output_dir) / "final_model"
+    return [f"model.name_or_path={final}", "model.backbone_config=null", f"model.tokenizer={final}"]
+
+
 def _program(job: SlurmJob, verb: str) -> list[str]:
     if verb == "train" and job.module_args is not None:
         return list(job.module_args)
-    return ["lancer_dist.cli", verb, "--config", str(_abs(job, job.config)), *job.overrides]
+    extra = trained_model_overrides(job) if verb != "train" else []
+    return ["lancer_dist.cli", verb, "--config", str(_abs(job, job.config)), *job.overrides, *extra]
 
 
 def render_train_script(job: SlurmJob, run_name: str | None = None) -> str:
@@ -301,7 +315,9 @@ def _sbatch(script: Path, args: list[str], env: dict[str, str] | None) -> int:
     r = subprocess.run([exe, "--parsable", *args, str(script)], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise SubmitError(
-            "sbatch", f"exit {r.returncode}: {r.stderr.strip()}", f"{script} submitted (is the controller reachable?)"
+            "sbatch",
+            f"exit {r.returncode}: {r.stderr.strip()}",
+            f"{script} submitted (is the controller reachable?)",
         )
     return int(r.stdout.strip().split(";")[0])
 
