@@ -45,7 +45,9 @@ def probe_accuracy(
     from sklearn.preprocessing import StandardScaler
 
     if len(set(y_train)) < 2:
-        raise ValueError(f"the probe needs at least 2 languages in its training split, got {sorted(set(y_train))}")
+        raise ValueError(
+            f"the probe needs at least 2 languages in its training split, got {sorted(set(y_train))}"
+        )
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
     clf.fit(np.asarray(x_train, np.float64), list(y_train))
     return float(clf.score(np.asarray(x_test, np.float64), list(y_test)))
@@ -75,19 +77,26 @@ def pool_growth(
         qi = np.flatnonzero(np.isin(ql, list(langs)))
         pi = np.flatnonzero(np.isin(pl, list(langs)))
         if len(qi) == 0 or len(pi) == 0:
-            raise ValueError(f"no queries or passages for languages {sorted(langs)} in the pool-growth collection")
-        pool_ids = [docids[i] for i in pi]
+            raise ValueError(
+                f"no queries or passages for languages {sorted(langs)} in the pool-growth collection"
+            )
+        pool_ids = [docids[int(i)] for i in pi]
         pool_set = set(pool_ids)
-        sub_qrels = {qids[i]: {d: r for d, r in qrels.get(qids[i], {}).items() if d in pool_set} for i in qi}
+        sub_qrels = {
+            qids[int(i)]: {d: r for d, r in qrels.get(qids[int(i)], {}).items() if d in pool_set} for i in qi
+        }
         scores, pos = search_arrays(qe[qi], pe[pi], min(k, len(pi)))
         run = {
-            qids[qi[r]]: {pool_ids[p]: float(s) for p, s in zip(pos[r], scores[r]) if p >= 0} for r in range(len(qi))
+            qids[qi[r]]: {pool_ids[p]: float(s) for p, s in zip(pos[r], scores[r]) if p >= 0}
+            for r in range(len(qi))
         }
         out.append((m, language_order[m - 1], evaluate(sub_qrels, run, [measure])[measure]))
     return out
 
 
-def plot_pool_growth(curves: Mapping[str, list[tuple[int, str, float]]], path: str | Path, measure: str) -> Path:
+def plot_pool_growth(
+    curves: Mapping[str, list[tuple[int, str, float]]], path: str | Path, measure: str
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from lancer_dist.retrieval.encoder_io import EncoderSpec, load_encoder
+from lancer_dist.retrieval.ray_utils import ensure_ray
 from lancer_dist.retrieval.store import (
     FORMAT,
     ShardPlan,
@@ -34,16 +35,23 @@ from lancer_dist.retrieval.store import (
     write_shard,
 )
 
-__all__ = ["EncodeJob", "EncodeResult", "encode_corpus", "encode_corpus_local", "encode_shard"]
+__all__ = ["EncodeResult", "EncoderPool", "encode_corpus", "encode_corpus_local", "encode_shard"]
 
 
-def encode_shard(encoder: Any, plan: ShardPlan, out_dir: str | Path, dtype: str, batch_size: int) -> dict[str, Any]:
+def encode_shard(
+    encoder: Any, plan: ShardPlan, out_dir: str | Path, dtype: str, batch_size: int
+) -> dict[str, Any]:
     """Encode one shard with a loaded encoder and write it; returns its statistics."""
     t0 = time.perf_counter()
     ids, texts, langs = read_corpus_range(plan)
     emb = encoder.encode(texts, is_query=False, batch_size=batch_size)
     write_shard(Path(out_dir), plan.index, ids, langs, emb.astype(np.dtype(dtype)))
-    return {"shard": plan.index, "count": len(ids), "dim": int(emb.shape[1]), "seconds": time.perf_counter() - t0}
+    return {
+        "shard": plan.index,
+        "count": len(ids),
+        "dim": int(emb.shape[1]),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 class EncodeWorker:
@@ -62,6 +70,9 @@ class EncodeWorker:
         res = encode_shard(self.encoder, ShardPlan(**plan), out_dir, dtype, batch_size)
         res["pid"] = os.getpid()
         return res
+
+    def encode_texts(self, texts: list[str], is_query: bool, batch_size: int) -> np.ndarray:
+        return np.asarray(self.encoder.encode(texts, is_query=is_query, batch_size=batch_size))
 
 
 @dataclass
@@ -147,7 +158,9 @@ def _finish(out: Path, manifest: dict[str, Any], plans: list[ShardPlan]) -> None
 def _progress(total: int, initial: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="passage", unit_scale=True, desc="encode", disable=not enabled)
+    return tqdm(
+        total=total, initial=initial, unit="passage", unit_scale=True, desc="encode", disable=not enabled
+    )
 
 
 def encode_corpus_local(
@@ -173,149 +186,208 @@ def encode_corpus_local(
             manifest["shards"][p.index]["encoded_now"] = True
             bar.update(res["count"])
     _finish(out, manifest, plans)
-    return EncodeResult(out, manifest["num_passages"], len(plans), len(todo), len(plans) - len(todo), 0,
-                        time.perf_counter() - t0, manifest)
+    return EncodeResult(
+        out,
+        manifest["num_passages"],
+        len(plans),
+        len(todo),
+        len(plans) - len(todo),
+        0,
+        time.perf_counter() - t0,
+        manifest,
+    )
 
 
-class EncodeJob:
-    """A running Ray encoding job. ``pids`` maps worker slot -> actor process id, ``in_flight`` slot -> shard index
-    (public so that tests and monitors can see, or kill, the workers)."""
+class EncoderPool:
+    """A pool of Ray encoder actors for one model, reused across jobs (collections, queries): each actor loads the
+    model once. ``pids`` maps worker slot -> actor process id and ``in_flight`` slot -> shard index of the running
+    job (public so that tests and monitors can see, or kill, the workers).
+
+    Use as a context manager, or call :meth:`close` (kills the actors)."""
 
     def __init__(
         self,
         spec: EncoderSpec,
+        *,
+        num_workers: int = 0,
+        cpus_per_worker: int = 1,
+        gpus_per_worker: float | None = None,
+        max_worker_restarts: int = 3,
+        max_attempts_per_shard: int = 3,
+        ray_address: str = "",
+    ):
+        import ray
+
+        self.spec = spec
+        self.cpus_per_worker = cpus_per_worker
+        self.max_worker_restarts = max_worker_restarts
+        self.max_attempts_per_shard = max_attempts_per_shard
+        self.started_ray = ensure_ray(ray_address)
+        gpus = float(ray.cluster_resources().get("GPU", 0.0))
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        # One actor per GPU when the cluster has GPUs, else CPU actors of ``cpus_per_worker`` CPUs each.
+        self.gpus_per_worker = gpus_per_worker if gpus_per_worker is not None else (1.0 if gpus >= 1 else 0.0)
+        if num_workers > 0:
+            self.num_workers = num_workers
+        elif self.gpus_per_worker > 0:
+            self.num_workers = max(1, int(gpus // self.gpus_per_worker))
+        else:
+            self.num_workers = max(1, int(cpus // max(1, cpus_per_worker)))
+        self._remote = ray.remote(EncodeWorker).options(  # type: ignore[attr-defined]
+            num_cpus=cpus_per_worker, num_gpus=self.gpus_per_worker, max_restarts=0
+        )
+        self.actors: dict[int, Any] = {}
+        self.pids: dict[int, int] = {}
+        self.in_flight: dict[int, int] = {}
+        self.worker_failures = 0
+        self.restarts = 0
+        for slot in range(self.num_workers):
+            self._create(slot)
+        self._wait_ready(list(self.actors))
+
+    def _create(self, slot: int) -> None:
+        device = "cuda" if self.gpus_per_worker > 0 else "cpu"
+        self.actors[slot] = self._remote.remote(self.spec.to_dict(), self.cpus_per_worker, device)
+
+    def _wait_ready(self, slots: list[int]) -> None:
+        import ray
+
+        # Actors start (and load the model) in parallel; the first pid() answer of each means it is ready.
+        pids = ray.get([self.actors[s].pid.remote() for s in slots])
+        self.pids.update(dict(zip(slots, pids)))
+
+    def _replace(self, slot: int) -> bool:
+        self.actors.pop(slot, None)
+        self.pids.pop(slot, None)
+        if self.restarts >= self.max_worker_restarts:
+            return False
+        self.restarts += 1
+        self._create(slot)
+        self._wait_ready([slot])
+        return True
+
+    def __enter__(self) -> EncoderPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors.values():
+            ray.kill(actor)
+        self.actors.clear()
+        self.pids.clear()
+
+    def encode_corpus(
+        self,
         corpus_path: str | Path,
         out_dir: str | Path,
         *,
         shard_size: int = 20000,
-        num_workers: int = 0,
-        cpus_per_worker: int = 1,
-        gpus_per_worker: float | None = None,
         dtype: str = "float32",
         batch_size: int = 64,
-        max_worker_restarts: int = 3,
-        max_attempts_per_shard: int = 3,
         progress: bool = True,
-    ):
-        self.spec = spec
-        self.corpus_path = corpus_path
-        self.out_dir = out_dir
-        self.shard_size = shard_size
-        self.num_workers = num_workers
-        self.cpus_per_worker = cpus_per_worker
-        self.gpus_per_worker = gpus_per_worker
-        self.dtype = dtype
-        self.batch_size = batch_size
-        self.max_worker_restarts = max_worker_restarts
-        self.max_attempts_per_shard = max_attempts_per_shard
-        self.progress = progress
-        self.pids: dict[int, int] = {}
-        self.in_flight: dict[int, int] = {}
-        self.worker_failures = 0
-
-    def _resources(self) -> tuple[int, float]:
-        """(number of actors, GPUs per actor): one actor per GPU when the cluster has GPUs."""
-        import ray
-
-        gpus = float(ray.cluster_resources().get("GPU", 0.0))
-        cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        per_gpu = self.gpus_per_worker if self.gpus_per_worker is not None else (1.0 if gpus >= 1 else 0.0)
-        if self.num_workers > 0:
-            n = self.num_workers
-        elif per_gpu > 0:
-            n = max(1, int(gpus // per_gpu))
-        else:
-            n = max(1, int(cpus // max(1, self.cpus_per_worker)))
-        return n, per_gpu
-
-    def run(self, on_shard_done: Callable[[EncodeJob, dict[str, Any]], None] | None = None) -> EncodeResult:
+        on_shard_done: Callable[[EncoderPool, dict[str, Any]], None] | None = None,
+    ) -> EncodeResult:
+        """Encode a BEIR corpus (dir or corpus.jsonl) into an :class:`EmbeddingStore` at ``out_dir``; shards are
+        handed out as workers free up; a dead worker's shard is requeued and the worker replaced."""
         import ray
         from ray.exceptions import RayActorError, WorkerCrashedError
 
         t0 = time.perf_counter()
-        out, plans, manifest, todo = _prepare(self.spec, self.corpus_path, self.out_dir, self.shard_size, self.dtype)
-        if not ray.is_initialized():
-            ray.init()
-        n_workers, per_gpu = self._resources()
-        n_workers = min(n_workers, len(todo))
-        remote_cls = ray.remote(EncodeWorker).options(  # type: ignore[attr-defined]
-            num_cpus=self.cpus_per_worker, num_gpus=per_gpu, max_restarts=0
-        )
-        actors: dict[int, Any] = {}
-        restarts = 0
-
-        def start(slot: int) -> None:
-            device = "cuda" if per_gpu > 0 else "cpu"
-            actor = remote_cls.remote(self.spec.to_dict(), self.cpus_per_worker, device)
-            actors[slot] = actor
-            self.pids[slot] = ray.get(actor.pid.remote())  # also waits until the model is loaded
-
+        out, plans, manifest, todo = _prepare(self.spec, corpus_path, out_dir, shard_size, dtype)
+        failures_before = self.worker_failures
         queue: deque[ShardPlan] = deque(todo)
         refs: dict[Any, tuple[int, ShardPlan]] = {}
 
         def submit(slot: int) -> None:
-            if queue:
+            if queue and slot in self.actors:
                 p = queue.popleft()
                 manifest["shards"][p.index]["attempts"] += 1
-                refs[actors[slot].encode.remote(p.to_dict(), str(out), self.dtype, self.batch_size)] = (slot, p)
+                refs[self.actors[slot].encode.remote(p.to_dict(), str(out), dtype, batch_size)] = (slot, p)
                 self.in_flight[slot] = p.index
             else:
                 self.in_flight.pop(slot, None)
 
+        for slot in list(self.actors):
+            submit(slot)
         done_before = manifest["num_passages"] - sum(p.count for p in todo)
-        try:
-            for slot in range(n_workers):
-                start(slot)
-            for slot in range(n_workers):
+        with _progress(manifest["num_passages"], done_before, progress) as bar:
+            while refs:
+                ready, _ = ray.wait(list(refs), num_returns=1)
+                slot, plan = refs.pop(ready[0])
+                try:
+                    res = ray.get(ready[0])
+                except (RayActorError, WorkerCrashedError) as e:
+                    # The worker died with this shard in flight: nothing of it was renamed into place.
+                    self.worker_failures += 1
+                    self.in_flight.pop(slot, None)
+                    if manifest["shards"][plan.index]["attempts"] >= self.max_attempts_per_shard:
+                        raise RuntimeError(
+                            f"shard {plan.index} of {plan.path} (from line {plan.first_line}) failed "
+                            f"{self.max_attempts_per_shard} times; last error: {e}"
+                        ) from e
+                    queue.appendleft(plan)
+                    if self._replace(slot):
+                        submit(slot)
+                    elif not self.actors:
+                        raise RuntimeError(
+                            f"every encoding worker died ({self.worker_failures} failures)"
+                        ) from e
+                    else:  # carry on with fewer workers; an idle one picks the shard up
+                        for s in list(self.actors):
+                            if s not in self.in_flight:
+                                submit(s)
+                    continue
+                manifest["shards"][plan.index]["encoded_now"] = True
+                bar.update(res["count"])
                 submit(slot)
-            with _progress(manifest["num_passages"], done_before, self.progress) as bar:
-                while refs:
-                    ready, _ = ray.wait(list(refs), num_returns=1)
-                    slot, plan = refs.pop(ready[0])
-                    try:
-                        res = ray.get(ready[0])
-                    except (RayActorError, WorkerCrashedError) as e:
-                        # The worker died with the shard in flight: requeue it and replace the worker.
-                        self.worker_failures += 1
-                        self.in_flight.pop(slot, None)
-                        actors.pop(slot, None)
-                        if manifest["shards"][plan.index]["attempts"] >= self.max_attempts_per_shard:
-                            raise RuntimeError(
-                                f"shard {plan.index} of {plan.path} (lines {plan.first_line}..) failed "
-                                f"{self.max_attempts_per_shard} times; last error: {e}"
-                            ) from e
-                        queue.appendleft(plan)
-                        if restarts < self.max_worker_restarts:
-                            restarts += 1
-                            start(slot)
-                            submit(slot)
-                        elif not actors:
-                            raise RuntimeError(f"every encoding worker died ({self.worker_failures} failures)") from e
-                        else:  # continue with the remaining workers; make sure an idle one picks the shard up
-                            for s in actors:
-                                if s not in self.in_flight:
-                                    submit(s)
-                        continue
-                    manifest["shards"][plan.index]["encoded_now"] = True
-                    bar.update(res["count"])
-                    submit(slot)
-                    if on_shard_done is not None:
-                        on_shard_done(self, res)
-        finally:
-            for actor in actors.values():
-                ray.kill(actor)
+                if on_shard_done is not None:
+                    on_shard_done(self, res)
+        self.in_flight.clear()
         _finish(out, manifest, plans)
-        return EncodeResult(out, manifest["num_passages"], len(plans), len(todo), len(plans) - len(todo),
-                            self.worker_failures, time.perf_counter() - t0, manifest)
+        return EncodeResult(
+            out,
+            manifest["num_passages"],
+            len(plans),
+            len(todo),
+            len(plans) - len(todo),
+            self.worker_failures - failures_before,
+            time.perf_counter() - t0,
+            manifest,
+        )
+
+    def encode_texts(self, texts: list[str], is_query: bool, batch_size: int = 64) -> np.ndarray:
+        """Encode in-memory texts (queries) split evenly over the workers; [N, D] float32 in input order."""
+        import ray
+
+        if not texts:
+            raise ValueError("encode_texts needs at least one text")
+        slots = list(self.actors)
+        chunks = np.array_split(np.arange(len(texts)), len(slots))
+        refs = [
+            self.actors[s].encode_texts.remote([texts[i] for i in idx], is_query, batch_size)
+            for s, idx in zip(slots, chunks)
+            if len(idx)
+        ]
+        return np.concatenate(ray.get(refs))
 
 
 def encode_corpus(
     spec: EncoderSpec,
     corpus_path: str | Path,
     out_dir: str | Path,
+    *,
+    num_workers: int = 0,
+    cpus_per_worker: int = 1,
+    gpus_per_worker: float | None = None,
     **kwargs: Any,
 ) -> EncodeResult:
-    """Encode ``corpus_path`` (a BEIR dir or corpus.jsonl) into ``out_dir`` with a Ray actor pool; see
-    :class:`EncodeJob` for the keyword arguments. Starts a local Ray instance if none is running."""
-    on_shard_done = kwargs.pop("on_shard_done", None)
-    return EncodeJob(spec, corpus_path, out_dir, **kwargs).run(on_shard_done)
+    """Encode ``corpus_path`` (a BEIR dir or corpus.jsonl) into ``out_dir`` with a temporary :class:`EncoderPool`
+    (see :meth:`EncoderPool.encode_corpus` for the keyword arguments). Starts a local Ray instance if none runs."""
+    with EncoderPool(
+        spec, num_workers=num_workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker
+    ) as pool:
+        return pool.encode_corpus(corpus_path, out_dir, **kwargs)

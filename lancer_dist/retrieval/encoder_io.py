@@ -76,7 +76,9 @@ class LoadedEncoder:
                     return_tensors="pt",
                 )
                 emb_BD = self.model.encode(
-                    batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device), is_query=is_query
+                    batch["input_ids"].to(self.device),
+                    batch["attention_mask"].to(self.device),
+                    is_query=is_query,
                 )
                 out[idx] = emb_BD.float().cpu().numpy()
         return out

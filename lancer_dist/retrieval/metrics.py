@@ -37,7 +37,9 @@ def parse_measures(names: Sequence[str]) -> list:
         try:
             out.append(ir_measures.parse_measure(name))
         except Exception as e:  # ir_measures raises a bare exception type per parser
-            raise ValueError(f"unknown measure {name!r} (ir-measures syntax, e.g. nDCG@10, AP@100, R@100, RR@10): {e}") from e
+            raise ValueError(
+                f"unknown measure {name!r} (ir-measures syntax, e.g. nDCG@10, AP@100, R@100, RR@10): {e}"
+            ) from e
     return out
 
 

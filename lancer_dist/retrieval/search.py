@@ -80,7 +80,9 @@ def build_index(emb_ND: np.ndarray, factory: str = "Flat", use_gpu: bool | None 
     try:
         index = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise ValueError(f"eval.index_factory: {factory!r} is not a valid FAISS index_factory string ({e})") from e
+        raise ValueError(
+            f"eval.index_factory: {factory!r} is not a valid FAISS index_factory string ({e})"
+        ) from e
     if not index.is_trained:
         try:
             index.train(x)
@@ -97,7 +99,9 @@ def build_index(emb_ND: np.ndarray, factory: str = "Flat", use_gpu: bool | None 
     return index
 
 
-def search_index_exact(index: Any, q_QD: np.ndarray, k: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def search_index_exact(
+    index: Any, q_QD: np.ndarray, k: int, offset: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of one index in the total order (see module docstring); positions shifted by ``offset``."""
     n = int(index.ntotal)
     q = np.ascontiguousarray(q_QD, dtype=np.float32)
@@ -118,7 +122,13 @@ def search_index_exact(index: Any, q_QD: np.ndarray, k: int, offset: int = 0) ->
 
 
 def _search_shard(
-    store_path: str, shard: int, offset: int, q_QD: np.ndarray, k: int, factory: str, transform: Affine | None,
+    store_path: str,
+    shard: int,
+    offset: int,
+    q_QD: np.ndarray,
+    k: int,
+    factory: str,
+    transform: Affine | None,
     threads: int,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     import faiss
@@ -144,7 +154,8 @@ class SearchResult:
 
     def to_run(self, qids: Sequence[str]) -> dict[str, dict[str, float]]:
         return {
-            qid: {d: float(s) for d, s in zip(docs, self.scores[i])} for i, (qid, docs) in enumerate(zip(qids, self.docids))
+            qid: {d: float(s) for d, s in zip(docs, self.scores[i])}
+            for i, (qid, docs) in enumerate(zip(qids, self.docids))
         }
 
 
@@ -167,8 +178,17 @@ def search_store(
     if parallel == "ray":
         import ray
 
-        if not ray.is_initialized():
-            ray.init()
+        from lancer_dist.retrieval.ray_utils import ensure_ray
+
+        ensure_ray()
+        if ray.available_resources().get("CPU", 0.0) < cpus_per_task:
+            import sys
+
+            print(
+                f"[search] waiting for {cpus_per_task} free Ray CPU(s) per shard task (held by actors or other "
+                "tasks; close idle EncoderPools first)",
+                file=sys.stderr,
+            )
         task = ray.remote(_search_shard).options(num_cpus=cpus_per_task)  # type: ignore[call-overload]
         q_ref = ray.put(q)
         t_ref = ray.put(transform)
@@ -190,6 +210,8 @@ def search_store(
     return SearchResult(scores, pos, docids, time.perf_counter() - t0)
 
 
-def search_arrays(q_QD: np.ndarray, p_ND: np.ndarray, k: int, factory: str = "Flat") -> tuple[np.ndarray, np.ndarray]:
+def search_arrays(
+    q_QD: np.ndarray, p_ND: np.ndarray, k: int, factory: str = "Flat"
+) -> tuple[np.ndarray, np.ndarray]:
     """One index over an in-memory array (small pools, e.g. the pool-growth analysis)."""
     return search_index_exact(build_index(p_ND, factory), q_QD, k)

@@ -118,7 +118,10 @@ def read_corpus_range(plan: ShardPlan) -> tuple[list[str], list[str], list[str]]
         langs.append(str(doc.get("lang") or "und"))
     if len(ids) != plan.count:
         raise CorpusFormatError(
-            plan.path, plan.first_line, "<shard>", f"expected {plan.count} passages, read {len(ids)}: file changed?"
+            plan.path,
+            plan.first_line,
+            "<shard>",
+            f"expected {plan.count} passages, read {len(ids)}: file changed?",
         )
     return ids, texts, langs
 
@@ -177,7 +180,9 @@ class EmbeddingStore:
         if self.manifest.get("format") != FORMAT:
             raise ValueError(f"{mf}: field 'format' is {self.manifest.get('format')!r}, expected {FORMAT!r}")
         if not self.manifest.get("complete"):
-            raise ValueError(f"{mf}: field 'complete' is false: the encoding job did not finish; run it again")
+            raise ValueError(
+                f"{mf}: field 'complete' is false: the encoding job did not finish; run it again"
+            )
 
     @property
     def num_shards(self) -> int:
@@ -218,7 +223,11 @@ class EmbeddingStore:
 
 
 def write_store(
-    out_dir: str | Path, emb_ND: np.ndarray, ids: list[str], langs: list[str] | None = None, shard_size: int = 20000,
+    out_dir: str | Path,
+    emb_ND: np.ndarray,
+    ids: list[str],
+    langs: list[str] | None = None,
+    shard_size: int = 20000,
     model: dict[str, Any] | None = None,
 ) -> EmbeddingStore:
     """Write in-memory embeddings as a complete store (benchmarks, tests, embeddings computed elsewhere)."""
@@ -236,9 +245,16 @@ def write_store(
     write_json_atomic(
         out / "manifest.json",
         {
-            "format": FORMAT, "complete": True, "model": model or {}, "corpus": None, "corpus_bytes": None,
-            "shard_size": shard_size, "dtype": str(emb_ND.dtype), "dim": int(emb_ND.shape[1]),
-            "num_passages": n, "shards": shards,
+            "format": FORMAT,
+            "complete": True,
+            "model": model or {},
+            "corpus": None,
+            "corpus_bytes": None,
+            "shard_size": shard_size,
+            "dtype": str(emb_ND.dtype),
+            "dim": int(emb_ND.shape[1]),
+            "num_passages": n,
+            "shards": shards,
         },
     )
     return EmbeddingStore(out)

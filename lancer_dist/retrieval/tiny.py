@@ -84,7 +84,10 @@ def write_beir(
     (out / "qrels").mkdir(parents=True, exist_ok=True)
     with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
         for docid, doc in corpus.items():
-            f.write(json.dumps({"_id": docid, "title": doc.get("title", ""), **dict(doc)}, ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps({"_id": docid, "title": doc.get("title", ""), **dict(doc)}, ensure_ascii=False)
+                + "\n"
+            )
     with open(out / "queries.jsonl", "w", encoding="utf-8") as f:
         for qid, q in queries.items():
             f.write(json.dumps({"_id": qid, **dict(q)}, ensure_ascii=False) + "\n")

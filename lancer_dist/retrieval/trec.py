@@ -46,7 +46,12 @@ def read_run(path: str | Path) -> Run:
                 continue
             parts = line.split()
             if len(parts) != 6:
-                raise TrecFormatError(path, line_no, "line", f"expected 6 columns 'qid Q0 docid rank score tag', got {len(parts)}")
+                raise TrecFormatError(
+                    path,
+                    line_no,
+                    "line",
+                    f"expected 6 columns 'qid Q0 docid rank score tag', got {len(parts)}",
+                )
             qid, _, docid, rank, score, _ = parts
             try:
                 int(rank)
@@ -86,7 +91,10 @@ def read_qrels(path: str | Path) -> Qrels:
                 qid, docid, rel = parts
             else:
                 raise TrecFormatError(
-                    path, line_no, "line", f"expected 'qid iter docid rel' or 'qid docid rel', got {len(parts)} columns"
+                    path,
+                    line_no,
+                    "line",
+                    f"expected 'qid iter docid rel' or 'qid docid rel', got {len(parts)} columns",
                 )
             try:
                 value = int(float(rel))

@@ -68,7 +68,7 @@ def test_k_larger_than_shard(tmp_path):
     q, p = _integer_data(2, n=10, q=3)
     write_store(tmp_path, p, [str(i) for i in range(10)], shard_size=3)
     res = search_store(tmp_path, q, 15, parallel="none")
-    ref_s, ref_p = brute_force_topk(q, p, 15)
+    _ref_s, ref_p = brute_force_topk(q, p, 15)
     np.testing.assert_array_equal(res.positions, ref_p)
     assert (res.positions[:, 10:] == -1).all() and len(res.docids[0]) == 10
 
@@ -77,7 +77,9 @@ def test_k_larger_than_shard(tmp_path):
 def test_approximate_indexes_run_and_recall(factory):
     rng = np.random.default_rng(3)
     p = rng.normal(size=(600, 16)).astype(np.float32)
-    q = p[:40] + 0.01 * rng.normal(size=(40, 16)).astype(np.float32)  # each query's nearest neighbour is known
+    q = p[:40] + 0.01 * rng.normal(size=(40, 16)).astype(
+        np.float32
+    )  # each query's nearest neighbour is known
     index = build_index(p, factory)
     if hasattr(index, "nprobe"):
         index.nprobe = 4
@@ -87,7 +89,7 @@ def test_approximate_indexes_run_and_recall(factory):
 
 
 def test_bad_factory_names_the_field():
-    with pytest.raises(ValueError, match="eval.index_factory"):
+    with pytest.raises(ValueError, match=r"eval\.index_factory"):
         build_index(np.zeros((10, 4), np.float32), "NotAnIndex")
     with pytest.raises(ValueError, match="cannot be trained"):
         build_index(np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32), "IVF64,Flat")
@@ -98,6 +100,6 @@ def test_transform_applied_inside_shards(tmp_path):
     t = Affine(np.diag([1.0, 0, 1, 0, 1, 0]), np.zeros(6), "mask")
     write_store(tmp_path, p, [str(i) for i in range(50)], shard_size=16)
     res = search_store(tmp_path, t(q), 7, transform=t, parallel="none")
-    ref_s, ref_p = brute_force_topk(t(q), t(p), 7)
+    _ref_s, ref_p = brute_force_topk(t(q), t(p), 7)
     np.testing.assert_array_equal(res.positions, ref_p)
     assert EmbeddingStore(tmp_path).num_shards == 4

@@ -1,0 +1,404 @@
+"""``lancer eval``: encode + search + metrics for a model over BEIR collections, with the post-hoc baselines and the
+language-bias analyses, reported side by side as the paper's Table 2 (+ Table 1 probe accuracy) and logged to MLflow.
+
+Flow per model (baseline, and the LANCER model when ``eval.lancer_model`` is set)::
+
+    EncoderPool (Ray actors, model loaded once) -> each collection's corpus -> EmbeddingStore (sharded, resumable)
+                                                -> its queries (in memory)
+    baseline embeddings of eval.posthoc_collection -> fit LSAR / LEACE (affine maps)
+    for each variant (base, +LSAR, +LEACE, LANCER): sharded FAISS search (Ray) -> TREC run -> metrics per language
+    analyses: language-ID probe (Table 1), nDCG@10 as languages join the pool (Fig. 1/3), t-SNE (Fig. 5)
+
+Outputs under ``eval.output_dir``: ``emb/<model>/<collection>/`` (embedding stores, reused on re-runs),
+``runs/<variant>/<collection>.trec``, ``results.json``, ``table.md`` / ``table.csv``, ``pool_growth.png``, ``tsne.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lancer_dist.config import RunConfig, config_to_dict, flatten
+from lancer_dist.retrieval.analysis import (
+    balanced_sample,
+    plot_pool_growth,
+    pool_growth,
+    probe_accuracy,
+    tsne_plot,
+)
+from lancer_dist.retrieval.encode import EncoderPool
+from lancer_dist.retrieval.encoder_io import EncoderSpec
+from lancer_dist.retrieval.metrics import evaluate_by_language, recall_at_kt
+from lancer_dist.retrieval.posthoc import Affine, fit_leace, fit_lsar
+from lancer_dist.retrieval.search import search_store
+from lancer_dist.retrieval.store import EmbeddingStore, plan_shards, read_corpus_range
+from lancer_dist.retrieval.tracking import EvalTracker, metric_key
+from lancer_dist.retrieval.trec import read_qrels, write_run
+
+__all__ = ["EvalCollection", "EvalReport", "format_table", "load_eval_collection", "run_eval"]
+
+
+@dataclass
+class EvalCollection:
+    """Queries and judgments of a BEIR directory (the corpus is streamed from disk by the encoder)."""
+
+    name: str
+    path: Path
+    qids: list[str]
+    query_texts: list[str]
+    query_langs: list[str]
+    answers: dict[str, list[str]]
+    qrels: dict[str, dict[str, int]]
+
+    @property
+    def corpus(self) -> Path:
+        return self.path / "corpus.jsonl"
+
+
+def load_eval_collection(path: str | Path, name: str | None = None, split: str = "test") -> EvalCollection:
+    """Read ``queries.jsonl`` ({_id, text, lang[, answers]}) and ``qrels/<split>.tsv`` of a BEIR directory.
+
+    Queries without judgments are dropped (they cannot be scored); bad records raise naming file, line and field.
+    """
+    d = Path(path)
+    for f in (d / "corpus.jsonl", d / "queries.jsonl", d / "qrels" / f"{split}.tsv"):
+        if not f.is_file():
+            raise FileNotFoundError(f"collection {d}: {f.name} is missing (expected the BEIR layout)")
+    qrels = read_qrels(d / "qrels" / f"{split}.tsv")
+    qids: list[str] = []
+    texts: list[str] = []
+    langs: list[str] = []
+    answers: dict[str, list[str]] = {}
+    with open(d / "queries.jsonl", encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                q = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{d / 'queries.jsonl'}:{line_no}: not valid JSON ({e.msg})") from None
+            for key in ("_id", "text"):
+                if key not in q:
+                    raise ValueError(f"{d / 'queries.jsonl'}:{line_no}: field '{key}' is missing")
+            qid = str(q["_id"])
+            if qid not in qrels:
+                continue
+            qids.append(qid)
+            texts.append(str(q["text"]))
+            langs.append(str(q.get("lang") or "und"))
+            if q.get("answers"):
+                answers[qid] = [str(a) for a in q["answers"]]
+    if not qids:
+        raise ValueError(f"collection {d}: no query of queries.jsonl has judgments in qrels/{split}.tsv")
+    return EvalCollection(name or d.name, d, qids, texts, langs, answers, qrels)
+
+
+def _collection_names(paths: list[Path]) -> list[str]:
+    """Short unique names: the path below the collections' common parent (e.g. ``monolingual/fr``)."""
+    if len(paths) == 1:
+        return [paths[0].name]
+    resolved = [p.resolve() for p in paths]
+    common = Path(*_common_prefix([r.parts for r in resolved]))
+    names = [str(r.relative_to(common)) if r != common else r.name for r in resolved]
+    return names if len(set(names)) == len(names) else [str(p) for p in paths]
+
+
+def _common_prefix(parts: list[tuple[str, ...]]) -> tuple[str, ...]:
+    out: list[str] = []
+    for items in zip(*parts):
+        if len(set(items)) != 1:
+            break
+        out.append(items[0])
+    return tuple(out)
+
+
+def resolve_base_model(cfg: RunConfig, out_dir: Path) -> Path:
+    """The baseline encoder directory: eval.model, model.name_or_path, or a random backbone saved once."""
+    if cfg.eval.model:
+        return Path(cfg.eval.model)
+    if cfg.model.backbone_config is None:
+        return Path(cfg.model.name_or_path)
+    import torch
+
+    from lancer_dist.model import BiEncoder, load_tokenizer
+
+    target = out_dir / "models" / f"random-seed{cfg.train.seed}"
+    if not (target / "lancer_encoder.json").is_file():
+        torch.manual_seed(cfg.train.seed)
+        BiEncoder.from_config(cfg.model).save_pretrained(target, load_tokenizer(cfg.model))
+    return target
+
+
+@dataclass
+class EvalReport:
+    output_dir: Path
+    # variant -> collection -> {"all": {measure: value}, "<lang>": {...}} (+ "Recall@5kt" style entries)
+    results: dict[str, dict[str, dict[str, dict[str, float]]]] = field(default_factory=dict)
+    probe: dict[str, float] = field(default_factory=dict)  # variant -> language-ID accuracy
+    pool_growth: dict[str, list[tuple[int, str, float]]] = field(default_factory=dict)
+    table: list[dict[str, Any]] = field(default_factory=list)
+    artifacts: list[Path] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+
+
+def _sample_store(store: EmbeddingStore, per_language: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    emb, _, langs = store.load_all()
+    idx = balanced_sample(langs, per_language, seed)
+    return emb[idx], [langs[i] for i in idx]
+
+
+def _corpus_texts(coll: EvalCollection) -> dict[str, str]:
+    texts: dict[str, str] = {}
+    for plan in plan_shards(coll.corpus, 100000):
+        ids, tx, _ = read_corpus_range(plan)
+        texts.update(zip(ids, tx))
+    return texts
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table (numbers as percentages with one decimal, like the paper)."""
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    fmt = lambda v: f"{100 * v:.1f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] = print) -> EvalReport:
+    """Run the whole evaluation described by ``cfg.eval`` (see the module docstring)."""
+    from lancer_dist.retrieval.ray_utils import ensure_ray
+
+    ev = cfg.eval
+    if not ev.collections:
+        from lancer_dist.config import ConfigError
+
+        raise ConfigError(
+            "eval.collections", ev.collections, "a non-empty list of BEIR collection directories"
+        )
+    t_all = time.perf_counter()
+    out = Path(ev.output_dir or Path(cfg.output_dir) / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    report = EvalReport(out)
+    paths = [Path(p) for p in ev.collections]
+    colls = [load_eval_collection(p, n) for p, n in zip(paths, _collection_names(paths))]
+    by_path = {c.path.resolve(): c for c in colls}
+
+    def extra(path_str: str) -> EvalCollection:
+        p = Path(path_str)
+        return by_path.get(p.resolve()) or load_eval_collection(p, f"extra-{p.name}")
+
+    n_langs = lambda c: len(set(c.query_langs))  # noqa: E731
+    probe_coll = (
+        extra(ev.probe_collection) if ev.probe_collection else max(colls, key=lambda c: _corpus_lang_count(c))
+    )
+    posthoc_coll = extra(ev.posthoc_collection) if ev.posthoc_collection else probe_coll
+    growth_coll: EvalCollection | None = None
+    if ev.pool_growth_collection != "none":
+        growth_coll = (
+            extra(ev.pool_growth_collection) if ev.pool_growth_collection else max(colls, key=n_langs)
+        )
+        if n_langs(growth_coll) < 2:
+            growth_coll = None
+    all_colls = list(colls) + [
+        c
+        for c in {id(x): x for x in (probe_coll, posthoc_coll, growth_coll)}.values()
+        if c is not None and c not in colls
+    ]
+
+    tracker = EvalTracker(cfg.tracking, cfg.output_dir, run_name=f"eval-{cfg.name}")
+    report.mlflow_run_id = tracker.run_id
+    tracker.log_params(flatten({"eval": config_to_dict(ev)}))
+    started_ray = ensure_ray(ev.ray_address)
+    try:
+        models = {"base": resolve_base_model(cfg, out)}
+        if ev.lancer_model:
+            models["lancer"] = Path(ev.lancer_model)
+        stores: dict[tuple[str, str], EmbeddingStore] = {}
+        queries: dict[tuple[str, str], np.ndarray] = {}
+        for tag, path in models.items():
+            t0 = time.perf_counter()
+            spec = EncoderSpec.from_model_config(str(path), cfg.model)
+            with EncoderPool(
+                spec,
+                num_workers=ev.num_workers,
+                cpus_per_worker=ev.cpus_per_worker,
+                ray_address=ev.ray_address,
+            ) as pool:
+                for c in all_colls:
+                    log(f"[eval] encoding {c.name} with {tag} ({path})")
+                    enc = pool.encode_corpus(
+                        c.corpus,
+                        out / "emb" / tag / c.name,
+                        shard_size=ev.shard_size,
+                        dtype=ev.dtype,
+                        batch_size=ev.batch_size,
+                        progress=progress,
+                    )
+                    stores[tag, c.name] = EmbeddingStore(enc.out_dir)
+                    queries[tag, c.name] = pool.encode_texts(
+                        c.query_texts, is_query=True, batch_size=ev.batch_size
+                    )
+            report.seconds[f"encode/{tag}"] = time.perf_counter() - t0
+
+        # Post-hoc baselines, fitted on the baseline's embeddings of multilingual passages with language labels.
+        variants: dict[str, tuple[str, Affine | None]] = {"base": ("base", None)}
+        if ev.baselines:
+            fit_x, fit_langs = _sample_store(
+                stores["base", posthoc_coll.name],
+                max(1, ev.posthoc_max_passages // max(1, _corpus_lang_count(posthoc_coll))),
+                ev.seed,
+            )
+            for b in ev.baselines:
+                t = fit_lsar(fit_x, fit_langs, ev.lsar_rank) if b == "lsar" else fit_leace(fit_x, fit_langs)
+                variants[f"base+{b.upper()}"] = ("base", t)
+        if "lancer" in models:
+            variants["lancer"] = ("lancer", None)
+
+        # Retrieval: sharded search per variant and collection, metrics per language.
+        t0 = time.perf_counter()
+        for vname, (tag, tf) in variants.items():
+            report.results[vname] = {}
+            for c in colls:
+                q = queries[tag, c.name]
+                q = tf(q) if tf is not None else q
+                sr = search_store(
+                    stores[tag, c.name].path,
+                    q,
+                    ev.top_k,
+                    ev.index_factory,
+                    transform=tf,
+                    cpus_per_task=ev.cpus_per_worker,
+                )
+                run = sr.to_run(c.qids)
+                write_run(
+                    out / "runs" / vname.replace("+", "_") / f"{c.name.replace('/', '_')}.trec",
+                    run,
+                    tag=vname,
+                )
+                res = evaluate_by_language(c.qrels, run, ev.measures, dict(zip(c.qids, c.query_langs)))
+                if c.answers:
+                    texts = _corpus_texts(c)
+                    ranked = dict(zip(c.qids, sr.docids))
+                    for kt in ev.recall_kt:
+                        name = f"Recall@{kt // 1000}kt" if kt % 1000 == 0 else f"Recall@{kt}t"
+                        for lang, v in recall_at_kt(
+                            ranked, texts, c.answers, kt, dict(zip(c.qids, c.query_langs))
+                        ).items():
+                            res.setdefault(lang, {})[name] = v
+                report.results[vname][c.name] = res
+                tracker.log_metrics(
+                    {metric_key(vname, c.name, lang, m): v for lang, ms in res.items() for m, v in ms.items()}
+                )
+        report.seconds["search+metrics"] = time.perf_counter() - t0
+
+        # Table 1: language-ID probe accuracy (held-out half of a balanced per-language sample).
+        t0 = time.perf_counter()
+        px: dict[str, np.ndarray] = {}
+        for vname, (tag, tf) in variants.items():
+            x, langs = _sample_store(stores[tag, probe_coll.name], ev.probe_per_language, ev.seed)
+            x = tf(x) if tf is not None else x
+            px[vname] = x
+            train = np.arange(len(langs)) % 2 == 0
+            lab = np.asarray(langs)
+            report.probe[vname] = probe_accuracy(x[train], lab[train], x[~train], lab[~train])
+        tracker.log_metrics({metric_key(v, "probe_language_id_accuracy"): a for v, a in report.probe.items()})
+        report.seconds["probe"] = time.perf_counter() - t0
+
+        # Fig. 1/3: nDCG@10 as languages are added to the pool.
+        if growth_coll is not None:
+            t0 = time.perf_counter()
+            present = sorted(set(growth_coll.query_langs))
+            order = [x for x in ev.language_order if x in present] or (
+                (["en"] if "en" in present else []) + [x for x in present if x != "en"]
+            )
+            measure = "nDCG@10"
+            for vname, (tag, tf) in variants.items():
+                p_emb, docids, p_langs = stores[tag, growth_coll.name].load_all()
+                report.pool_growth[vname] = pool_growth(
+                    queries[tag, growth_coll.name],
+                    growth_coll.qids,
+                    growth_coll.query_langs,
+                    p_emb,
+                    docids,
+                    p_langs,
+                    growth_coll.qrels,
+                    order,
+                    measure,
+                    ev.top_k,
+                    tf,
+                )
+                for n_lang, _, v in report.pool_growth[vname]:
+                    tracker.log_metrics({metric_key(vname, "pool_growth", measure): v}, step=n_lang)
+            png = plot_pool_growth(report.pool_growth, out / "pool_growth.png", measure)
+            report.artifacts.append(png)
+            report.seconds["pool_growth"] = time.perf_counter() - t0
+
+        # Fig. 5: t-SNE of passages coloured by language.
+        if ev.tsne_samples > 0:
+            t0 = time.perf_counter()
+            tsne_x: dict[str, np.ndarray] = {}
+            langs_t: list[str] = []
+            for vname, (tag, tf) in variants.items():
+                x, langs_t = _sample_store(stores[tag, probe_coll.name], ev.tsne_samples, ev.seed + 1)
+                tsne_x[vname] = tf(x) if tf is not None else x
+            report.artifacts.append(tsne_plot(tsne_x, langs_t, out / "tsne.png", ev.seed))
+            report.seconds["tsne"] = time.perf_counter() - t0
+
+        # Table 2 (+ Table 1 column): one row per variant.
+        for vname in variants:
+            row: dict[str, Any] = {"method": vname}
+            for c in colls:
+                for meas, v in report.results[vname][c.name]["all"].items():
+                    row[f"{c.name} {meas}"] = v
+            row["probe acc"] = report.probe[vname]
+            report.table.append(row)
+        (out / "table.md").write_text(format_table(report.table) + "\n")
+        with open(out / "table.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(report.table[0]))
+            w.writeheader()
+            w.writerows(report.table)
+        report.seconds["total"] = time.perf_counter() - t_all
+        (out / "results.json").write_text(
+            json.dumps(
+                {
+                    "results": report.results,
+                    "probe": report.probe,
+                    "pool_growth": report.pool_growth,
+                    "table": report.table,
+                    "seconds": report.seconds,
+                    "collections": {c.name: str(c.path) for c in colls},
+                    "models": {k: str(v) for k, v in models.items()},
+                },
+                indent=1,
+            )
+        )
+        report.artifacts += [out / "table.md", out / "table.csv", out / "results.json"]
+        tracker.log_table(report.table, "eval/table2.json")
+        for a in report.artifacts:
+            tracker.log_artifact(a, "eval")
+    finally:
+        tracker.close()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    return report
+
+
+def _corpus_lang_count(c: EvalCollection) -> int:
+    """Number of passage languages (first 100k passages), used to pick the most multilingual collection."""
+    langs: set[str] = set()
+    plans = plan_shards(c.corpus, 100000)
+    if plans:
+        langs.update(read_corpus_range(plans[0])[2])
+    return len(langs)
