@@ -295,7 +295,8 @@ class _OpenShard:
         self.tmp = path.with_name(path.name + ".tmp")
         self.file = open(self.tmp, "wb")  # noqa: SIM115 (closed in finish/abort)
         # mtime/user fixed: identical records give identical bytes (and checksums).
-        self.tar = wds.TarWriter(self.file, user="lancer", group="lancer", mtime=0.0, encoder=False)
+        # (An int mtime: a float one makes tarfile add a PAX header to every member, doubling the read time.)
+        self.tar = wds.TarWriter(self.file, user="lancer", group="lancer", mtime=0, encoder=False)
         self.count = 0
         self.languages: Counter[str] = Counter()
         self.min_negatives: int | None = None
@@ -477,8 +478,56 @@ def iter_shard(path: str | Path) -> Iterator[tuple[str, Any]]:
         yield from _iter_tar_bytes(f, str(path))
 
 
+def _fast_members(data: bytes, where: str) -> list[tuple[str, bytes]] | None:
+    """Members of a plain ustar archive of regular files (what :class:`ShardWriter` writes), parsed ~10x faster
+    than :mod:`tarfile`; None for anything else (PAX / GNU headers, links), which the general reader handles.
+    Header checksums are verified and a missing end-of-archive block is an error, so truncation is caught."""
+    out: list[tuple[str, bytes]] = []
+    pos, n = 0, len(data)
+    while True:
+        if pos + 512 > n:
+            last = out[-1][0].partition(".")[0] if out else None
+            raise DataError(
+                where, last, "tar", "corrupt or truncated tar: no end-of-archive block", "corrupt_tar"
+            )
+        hdr = data[pos : pos + 512]
+        if hdr == bytes(512):
+            return out
+        if hdr[156:157] not in (b"0", b"\0") or hdr[257:262] != b"ustar":
+            return None
+        try:
+            size = int(hdr[124:136].strip(b"\0 ") or b"0", 8)
+            chksum = int(hdr[148:156].strip(b"\0 "), 8)
+        except ValueError:
+            return None
+        if chksum != sum(hdr) - sum(hdr[148:156]) + 256:
+            last = out[-1][0].partition(".")[0] if out else None
+            raise DataError(
+                where, last, "tar", f"corrupt tar: bad header checksum at byte {pos}", "corrupt_tar"
+            )
+        name = hdr[:100].rstrip(b"\0")
+        prefix = hdr[345:500].rstrip(b"\0")
+        if prefix:
+            name = prefix + b"/" + name
+        start = pos + 512
+        if start + size > n:
+            last = out[-1][0].partition(".")[0] if out else None
+            raise DataError(
+                where, last, "tar", "corrupt or truncated tar: member past the end", "corrupt_tar"
+            )
+        out.append((name.decode("utf-8"), data[start : start + size]))
+        pos = start + (size + 511) // 512 * 512
+
+
 def _iter_tar_bytes(fileobj: Any, where: str) -> Iterator[tuple[str, Any]]:
     from webdataset.tariterators import tar_file_iterator
+
+    if isinstance(fileobj, io.BytesIO):
+        members = _fast_members(fileobj.getvalue(), where)
+        if members is not None:
+            for fname, payload in members:
+                yield _decode_member(where, fname, payload)
+            return
 
     last: str | None = None
     it = tar_file_iterator(fileobj)
@@ -492,18 +541,19 @@ def _iter_tar_bytes(fileobj: Any, where: str) -> Iterator[tuple[str, Any]]:
             raise DataError(
                 where, last, "tar", f"corrupt or truncated tar{after}: {e}", reason="corrupt_tar"
             ) from e
-        fname = member["fname"]
-        key, _, ext = fname.partition(".")
-        if ext != "json":
-            raise DataError(
-                where, key, fname, "unexpected tar member (expected <key>.json)", reason="bad_member"
-            )
-        try:
-            rec = json.loads(member["data"].decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(where, key, "<json>", f"not valid UTF-8 JSON ({e})", reason="bad_json") from e
+        key, rec = _decode_member(where, member["fname"], member["data"])
         last = key
         yield key, rec
+
+
+def _decode_member(where: str, fname: str, payload: bytes) -> tuple[str, Any]:
+    key, _, ext = fname.partition(".")
+    if ext != "json":
+        raise DataError(where, key, fname, "unexpected tar member (expected <key>.json)", reason="bad_member")
+    try:
+        return key, json.loads(payload.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(where, key, "<json>", f"not valid UTF-8 JSON ({e})", reason="bad_json") from e
 
 
 def load_shard(

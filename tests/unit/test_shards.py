@@ -180,3 +180,40 @@ def test_verify_catches_unknown_language_in_shard(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps(d))
     with pytest.raises(DataError, match=r"record 'en-1' field 'lang': unknown language code 'xx'"):
         verify_shards(read_manifest(tmp_path))
+
+
+def test_fast_reader_equals_tarfile_and_pax_shards_still_read(tmp_path: Path) -> None:
+    """ShardWriter's plain ustar shards take the fast parser; a PAX shard (float mtime, as older writers made)
+    takes webdataset's reader; both give the same records. A flipped header byte is a checksum error."""
+    import io
+
+    import webdataset as wds
+
+    from lancer_dist.data.shards import _fast_members
+
+    _write(tmp_path / "a", _passages(6, ["en"]))
+    m = read_manifest(tmp_path / "a")
+    raw = (tmp_path / "a" / m.shards[0].name).read_bytes()
+    members = _fast_members(raw, "x")
+    assert members is not None
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        ref = [(mem.name, tf.extractfile(mem).read()) for mem in tf.getmembers()]  # type: ignore[union-attr]
+    assert members == ref
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, mtime=0.5, encoder=False) as tw:
+        for k, r in _passages(6, ["en"]):
+            tw.write({"__key__": k, "json": json.dumps(r).encode()})
+    pax = buf.getvalue()
+    assert _fast_members(pax, "x") is None  # PAX headers: not the fast path
+    p = tmp_path / "a" / m.shards[0].name
+    p.write_bytes(pax)
+    d = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    d["shards"][0]["sha256"] = hashlib.sha256(pax).hexdigest()
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(d))
+    assert load_shard(read_manifest(tmp_path / "a"), m.shards[0], verify_checksum=False) == [
+        (k, r) for k, r in _passages(6, ["en"])
+    ]
+    bad = bytearray(raw)
+    bad[512 + 512 + 5] ^= 0xFF  # inside the 2nd member's header name
+    with pytest.raises(DataError, match=r"record 'en-0' field 'tar'.*checksum"):
+        _fast_members(bytes(bad), "x")

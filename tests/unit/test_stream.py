@@ -321,3 +321,46 @@ def test_config_errors(tmp_path: Path, tok: Any) -> None:
     (b, _) = list(st)
     assert st.languages == ["zh", "fr"] and b.erasure_languages.tolist() == [0, 1, 0, 1]
     assert b.query_input_ids.shape == (0, 0) and all(k.startswith(("zh", "fr")) for k in b.erasure_keys)
+
+
+def _reference_encode(tokenizer: Any, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_collator_matches_the_tokenizer_call(tok: Any, side: str) -> None:
+    from lancer_dist.data.collate import Collator
+
+    tok.padding_side = side
+    try:
+        rng = random.Random(5)
+        texts = [_text(rng, "en") for _ in range(9)]
+        c = Collator(
+            tok, query_prefix="query: ", passage_prefix="passage: ", max_query_length=5, max_passage_length=9
+        )
+        for got, ref in [
+            (c.queries(texts), _reference_encode(tok, ["query: " + t for t in texts], 5)),
+            (c.passages(texts), _reference_encode(tok, ["passage: " + t for t in texts], 9)),
+        ]:
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    finally:
+        tok.padding_side = "right"
+
+
+def test_collator_matches_the_e5_tokenizer_if_built() -> None:
+    from lancer_dist.data.collate import Collator
+    from lancer_dist.paths import cache_dir
+
+    path = cache_dir() / "models" / "multilingual-e5-small"
+    if not (path / "tokenizer.json").is_file():
+        pytest.skip("the offline e5 tokenizer is not built (lancer data backbone)")
+    from transformers import AutoTokenizer
+
+    e5 = AutoTokenizer.from_pretrained(str(path))
+    texts = ["In the beginning God created the heaven and the earth.", "Au commencement, Dieu créa les cieux.",
+             "太初，神创造天地。", "في البدء خلق الله السماوات والأرض", "В начале сотворил Бог небо и землю." * 8]  # fmt: skip
+    c = Collator(e5, passage_prefix="passage: ", max_passage_length=16)
+    ref = _reference_encode(e5, ["passage: " + t for t in texts], 16)
+    got = c.passages(texts)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])

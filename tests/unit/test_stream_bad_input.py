@@ -54,8 +54,8 @@ def plant(root: Path, case: str) -> tuple[str, str | None, str, str]:
     if case == "truncated_tar":
         name, _ = _shard_of(root, "en-004")
         p = root / name
-        p.write_bytes(p.read_bytes()[:1500])
-        return name, None, "tar", "bad_shards.corrupt_tar"
+        p.write_bytes(p.read_bytes()[:1500])  # cut inside the 2nd member: the error names the last good key
+        return name, "en-004", "tar", "bad_shards.corrupt_tar"
     if case == "count_mismatch":
         name, recs = _shard_of(root, "en-004")
         _rewrite(root, name, recs[:-1])
