@@ -188,22 +188,23 @@ def _env_lines(job: SlurmJob, gpu: bool) -> list[str]:
     return lines
 
 
-def trained_model_overrides(job: SlurmJob) -> list[str]:
-    """Overrides that point a chained encode / eval step at the model the training step writes
-    (``<output_dir>/final_model``: weights and tokenizer), unless the overrides already name a model."""
-    if any(o.startswith("model.name_or_path=") for o in job.overrides):
+def trained_model_overrides(job: SlurmJob, verb: str) -> list[str]:
+    """Overrides that point a chained step at the model the training step writes (``<output_dir>/final_model``):
+    ``lancer encode`` encodes it (``eval.model``); ``lancer eval`` evaluates it as the LANCER model next to the
+    config's baseline backbone (``eval.lancer_model``). Nothing is added when the overrides already set the key."""
+    key = {"encode": "eval.model", "eval": "eval.lancer_model"}[verb]
+    if any(o.startswith(key + "=") for o in job.overrides):
         return []
     from lancer_dist.config import load_config
 
     cfg = load_config(_abs(job, job.config), job.overrides)
-    final = _abs(job, cfg.output_dir) / "final_model"
-    return [f"model.name_or_path={final}", "model.backbone_config=null", f"model.tokenizer={final}"]
+    return [f"{key}={_abs(job, cfg.output_dir) / 'final_model'}"]
 
 
 def _program(job: SlurmJob, verb: str) -> list[str]:
     if verb == "train" and job.module_args is not None:
         return list(job.module_args)
-    extra = trained_model_overrides(job) if verb != "train" else []
+    extra = trained_model_overrides(job, verb) if verb != "train" else []
     return ["lancer_dist.cli", verb, "--config", str(_abs(job, job.config)), *job.overrides, *extra]
 
 

@@ -224,7 +224,9 @@ class MlflowServer:
 
     def stop(self) -> None:
         if self.proc is not None:
-            stop_process_group(self.proc)
+            # uvicorn's graceful shutdown can take >10 s with idle keep-alive clients; the sqlite store is
+            # consistent after every request, so a short grace period is enough.
+            stop_process_group(self.proc, timeout=5)
             self.proc = None
 
     def restart(self) -> MlflowServer:

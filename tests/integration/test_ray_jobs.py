@@ -125,16 +125,20 @@ def test_ray_eval_job(ray_cluster: RayCluster, trained: tuple[str, Path], bible_
     if "eval" not in verbs:
         pytest.skip("`lancer eval` is not part of this build yet (issue 5)")
     _, run = trained
-    collections = sorted(p for p in (bible_data / "eval").iterdir() if p.is_dir())[:1]
+    out = run.parent / "eval"
+    # The entrypoint reserves no CPU (the default for eval): the evaluator's encoder actors and search tasks use
+    # the cluster's CPUs through the Ray connection the job provides.
     r = _lancer(
         "submit", "ray", "--address", ray_cluster.dashboard_url, "--config", "configs/tiny.yaml", "--verb", "eval",
-        "--num-cpus", "1", "--wait",
-        f"model.name_or_path={run / 'final_model'}", "model.backbone_config=null",
-        f"model.tokenizer={run / 'final_model'}", f"eval.collections=[{collections[0]}]", "eval.num_workers=1",
-        f"output_dir={run.parent / 'eval'}", f"tracking.tracking_uri=sqlite:///{run.parent / 'mlflow.db'}",
+        "--wait",
+        f"model.tokenizer={run / 'final_model'}", f"eval.model={run / 'final_model'}",
+        f"eval.collections=[{bible_data / 'eval' / 'multilingual_sampled'}]", "eval.baselines=[]",
+        "eval.tsne_samples=0", f"eval.output_dir={out}", f"output_dir={out}",
+        f"tracking.tracking_uri=sqlite:///{run.parent / 'mlflow.db'}",
     )  # fmt: skip
     m = re.search(r"submitted eval: Ray job (\S+)", r.stdout)
     assert m, r.stdout + r.stderr
     logs = ray_jobs.job_logs(ray_cluster.dashboard_url, m.group(1))
     assert r.returncode == 0, logs[-4000:]
-    assert re.search(r"nDCG@10", logs), logs[-3000:]
+    assert "nDCG@10" in logs and "| base |" in logs, logs[-3000:]
+    assert (out / "results.json").is_file()

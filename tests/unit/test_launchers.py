@@ -103,9 +103,12 @@ def test_chained_step_script(tmp_path: Path):
     _bash_syntax_ok(script, tmp_path)
     assert "--nodes=1" in _sbatch_options(script)
     assert f"lancer_dist.cli eval --config {CFG} eval.top_k=10" in script
-    # The step evaluates the model the training step writes, not the config's (random) backbone.
+    # The step evaluates the model the training step writes (as the LANCER model, next to the baseline).
     final = REPO / yaml.safe_load(Path(CFG).read_text())["output_dir"] / "final_model"
-    assert f"model.name_or_path={final} model.backbone_config=null model.tokenizer={final}" in script
+    assert f"eval.top_k=10 eval.lancer_model={final}" in script
+    assert f"eval.model={final}" in render_step_script(job, "encode")
+    job.overrides.append("eval.lancer_model=/elsewhere")
+    assert str(final) not in render_step_script(job, "eval")
 
 
 @pytest.mark.parametrize(
