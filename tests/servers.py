@@ -269,6 +269,9 @@ class SlurmCluster:
     ):
         for exe in ("slurmctld", "slurmd", "sbatch", "scontrol"):
             _require(exe, "run scripts/install_schedulers.sh as root (Debian slurmctld slurmd slurm-client)")
+        if os.geteuid() != 0:
+            # slurmd launches job steps as the submitting user (setuid), which needs root.
+            pytest.skip("the SLURM test cluster needs root (slurmd starts jobs as their user)")
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.nodes = [f"node{i + 1}" for i in range(nodes)]

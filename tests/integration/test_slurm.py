@@ -6,7 +6,8 @@ One 2-node CPU training job (torchrun per node, gloo, configs/tiny.yaml on the o
   starts again, resumes from the checkpoint (not from step 0) and finishes;
 * it logged to the MLflow server: one run, named after the job id, with every step's loss across the restart;
 * it left checkpoints and a final model;
-* a token in the submitting environment reached neither the sbatch script, the job log nor the MLflow params.
+* a token in the submitting environment reached neither the sbatch script, the job log nor the MLflow params;
+* the chained eval step (``--then eval``: ``--dependency=afterok``) ran after training, on the trained model.
 
 Skips when SLURM is not installed (scripts/install_schedulers.sh installs it as root; CI does).
 """
@@ -87,6 +88,10 @@ def test_two_node_training_preempted_requeued_resumed(
             "train.checkpoint.every=4",
             "probe.enabled=false",
             f"tracking.tracking_uri={mlflow.uri}",
+            # For the chained eval step (training ignores the eval section).
+            f"eval.collections=[{bible_data / 'eval' / 'multilingual_sampled'}]",
+            "eval.baselines=[]",
+            "eval.tsne_samples=0",
         ]
         launch = [
             "--config",
@@ -98,7 +103,9 @@ def test_two_node_training_preempted_requeued_resumed(
             "--log-dir",
             str(logs),
         ]
-        ids = _submit(slurm, [*launch, "--signal-seconds", "60", *overrides], env)
+        ids = _submit(slurm, [*launch, "--signal-seconds", "60", "--then", "eval", *overrides], env)
+        assert set(ids) == {"train", "eval"}
+        assert slurm.job(ids["eval"])["Dependency"].startswith(f"afterok:{ids['train']}")
         job = ids["train"]
         log = logs / f"lancer-{job}.out"
         script = next(logs.glob("lancer-train-*.sbatch")).read_text()
@@ -138,6 +145,15 @@ def test_two_node_training_preempted_requeued_resumed(
         assert (ckpt / f"step-{STEPS:08d}").is_dir()
         assert (run / "final_model").is_dir()
         assert TOKEN not in text
+
+        # The chained eval step ran after training succeeded, on the trained model (eval.lancer_model).
+        ev = slurm.wait(ids["eval"], timeout=300)
+        ev_log = (logs / f"lancer-eval-{ids['eval']}.out").read_text()
+        assert ev["JobState"] == "COMPLETED", f"{ev}\n{ev_log[-4000:]}"
+        assert ev["StartTime"] >= info["EndTime"]
+        results = run / "eval" / "results.json"
+        assert results.is_file() and "lancer" in results.read_text(), ev_log[-3000:]
+        assert TOKEN not in ev_log
 
     # One MLflow run (named after the job id) holds every step, before and after the restart.
     from mlflow.tracking import MlflowClient
