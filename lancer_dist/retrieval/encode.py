@@ -12,6 +12,7 @@ finished or interrupted job skips the shards already on disk.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -43,12 +44,18 @@ def encode_shard(
 ) -> dict[str, Any]:
     """Encode one shard with a loaded encoder and write it; returns its statistics."""
     t0 = time.perf_counter()
-    ids, texts, langs = read_corpus_range(plan)
-    emb = encoder.encode(texts, is_query=False, batch_size=batch_size)
-    write_shard(Path(out_dir), plan.index, ids, langs, emb.astype(np.dtype(dtype)))
+    skipped: list[str] = []
+    ids, texts, langs = read_corpus_range(plan, skipped)
+    if texts:
+        emb = encoder.encode(texts, is_query=False, batch_size=batch_size)
+    else:
+        emb = np.zeros((0, encoder.dim), np.float32)
+    write_shard(Path(out_dir), plan.index, ids, langs, emb.astype(np.dtype(dtype)), skipped)
     return {
         "shard": plan.index,
-        "count": len(ids),
+        "count": plan.count,  # corpus lines of the shard (progress)
+        "rows": len(ids),
+        "skipped_no_text": len(skipped),
         "dim": int(emb.shape[1]),
         "seconds": time.perf_counter() - t0,
     }
@@ -149,6 +156,18 @@ def _finish(out: Path, manifest: dict[str, Any], plans: list[ShardPlan]) -> None
     for p in plans:
         if not shard_done(out, p):
             raise RuntimeError(f"{out}: shard {p.index} missing after the job finished")
+    # Rows actually stored per shard (passages without any text are left out and counted, as read_beir does).
+    skipped_total = 0
+    for p in plans:
+        meta = json.loads((out / f"ids-{p.index:05d}.json").read_text())
+        manifest["shards"][p.index]["rows"] = len(meta["ids"])
+        skipped_total += len(meta.get("skipped", []))
+    manifest["num_passages"] = sum(s["rows"] for s in manifest["shards"])
+    manifest["skipped_no_text"] = skipped_total
+    if skipped_total:
+        print(
+            f"[encode] {out}: {skipped_total} passages without text were skipped (ids in ids-*.json 'skipped')"
+        )
     if plans:
         manifest["dim"] = int(np.load(out / f"emb-{plans[0].index:05d}.npy", mmap_mode="r").shape[1])
     manifest["complete"] = True

@@ -40,7 +40,7 @@ from lancer_dist.retrieval.posthoc import Affine, fit_leace, fit_lsar
 from lancer_dist.retrieval.search import search_store
 from lancer_dist.retrieval.store import EmbeddingStore, plan_shards, read_corpus_range
 from lancer_dist.retrieval.tracking import EvalTracker, metric_key
-from lancer_dist.retrieval.trec import read_qrels, write_run
+from lancer_dist.retrieval.trec import write_run
 
 __all__ = ["EvalCollection", "EvalReport", "format_table", "load_eval_collection", "run_eval"]
 
@@ -63,41 +63,32 @@ class EvalCollection:
 
 
 def load_eval_collection(path: str | Path, name: str | None = None, split: str = "test") -> EvalCollection:
-    """Read ``queries.jsonl`` ({_id, text, lang[, answers]}) and ``qrels/<split>.tsv`` of a BEIR directory.
+    """Queries, judgments and answers of a BEIR directory, read with :func:`lancer_dist.data.collections.read_beir`
+    (bad records raise a ``DataError`` naming file, line and field; dangling judgments are counted and dropped).
 
-    Queries without judgments are dropped (they cannot be scored); bad records raise naming file, line and field.
+    Queries without any judgment are dropped (they cannot be scored); the corpus is not kept (the encoder streams it).
     """
+    from lancer_dist.data.collections import read_beir
+
     d = Path(path)
-    for f in (d / "corpus.jsonl", d / "queries.jsonl", d / "qrels" / f"{split}.tsv"):
-        if not f.is_file():
-            raise FileNotFoundError(f"collection {d}: {f.name} is missing (expected the BEIR layout)")
-    qrels = read_qrels(d / "qrels" / f"{split}.tsv")
-    qids: list[str] = []
-    texts: list[str] = []
-    langs: list[str] = []
-    answers: dict[str, list[str]] = {}
-    with open(d / "queries.jsonl", encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                q = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{d / 'queries.jsonl'}:{line_no}: not valid JSON ({e.msg})") from None
-            for key in ("_id", "text"):
-                if key not in q:
-                    raise ValueError(f"{d / 'queries.jsonl'}:{line_no}: field '{key}' is missing")
-            qid = str(q["_id"])
-            if qid not in qrels:
-                continue
-            qids.append(qid)
-            texts.append(str(q["text"]))
-            langs.append(str(q.get("lang") or "und"))
-            if q.get("answers"):
-                answers[qid] = [str(a) for a in q["answers"]]
+    coll = read_beir(d, split=split)
+    qids = [q for q in coll.queries if q in coll.qrels]
     if not qids:
         raise ValueError(f"collection {d}: no query of queries.jsonl has judgments in qrels/{split}.tsv")
-    return EvalCollection(name or d.name, d, qids, texts, langs, answers, qrels)
+    answers = {
+        q: [str(a) for a in coll.queries[q]["answers"]] for q in qids if coll.queries[q].get("answers")
+    }
+    if coll.skipped:
+        print(f"[eval] {d}: skipped {dict(coll.skipped)}")
+    return EvalCollection(
+        name or d.name,
+        d,
+        qids,
+        [str(coll.queries[q]["text"]) for q in qids],
+        [str(coll.queries[q].get("lang") or "und") for q in qids],
+        answers,
+        {q: coll.qrels[q] for q in qids},
+    )
 
 
 def _collection_names(paths: list[Path]) -> list[str]:

@@ -173,7 +173,7 @@ def search_store(
     applying ``transform`` (a post-hoc baseline) to passages (queries must already be transformed)."""
     t0 = time.perf_counter()
     store = EmbeddingStore(store_path)
-    offsets = np.cumsum([0] + [s["count"] for s in store.manifest["shards"]])
+    offsets = np.cumsum([0] + [s.get("rows", s["count"]) for s in store.manifest["shards"]])
     q = np.ascontiguousarray(q_QD, dtype=np.float32)
     if parallel == "ray":
         import ray

@@ -3,9 +3,11 @@
 Layout of an output directory::
 
     manifest.json        {"format", "complete", "model", "corpus", "corpus_bytes", "shard_size", "dtype", "dim",
-                          "num_passages", "shards": [{"index", "first_line", "start", "end", "count", "attempts"}]}
+                          "num_passages", "skipped_no_text",
+                          "shards": [{"index", "first_line", "start", "end", "count", "rows", "attempts"}]}
     emb-00000.npy        [n, D] float16 / float32 embeddings (np.save, no pickle)
-    ids-00000.json       {"ids": [...], "langs": [...]}: row i of emb-00000.npy is passage ids[i]
+    ids-00000.json       {"ids": [...], "langs": [...], "skipped": [...]}: row i of emb-00000.npy is passage ids[i];
+                         "skipped" lists the shard's passages without any text (left out, as read_beir does)
 
 Every file is written to a temporary name and renamed into place (atomic on POSIX), and a shard counts as done only
 when both of its files exist with matching row counts, so a worker killed mid-write leaves nothing half-written.
@@ -90,8 +92,11 @@ def _passage_text(doc: dict[str, Any]) -> str:
     return f"{title} {text}" if title else text
 
 
-def read_corpus_range(plan: ShardPlan) -> tuple[list[str], list[str], list[str]]:
-    """(ids, texts, langs) of one shard. A passage's text is ``title + " " + text`` (BEIR convention)."""
+def read_corpus_range(
+    plan: ShardPlan, skipped: list[str] | None = None
+) -> tuple[list[str], list[str], list[str]]:
+    """(ids, texts, langs) of one shard. A passage's text is ``title + " " + text`` (BEIR convention). Passages
+    with neither text nor title are left out (as ``read_beir`` does) and their ids appended to ``skipped``."""
     ids: list[str] = []
     texts: list[str] = []
     langs: list[str] = []
@@ -113,10 +118,14 @@ def read_corpus_range(plan: ShardPlan) -> tuple[list[str], list[str], list[str]]
             raise CorpusFormatError(plan.path, line_no, "_id", "missing")
         if not isinstance(doc.get("text"), str):
             raise CorpusFormatError(plan.path, line_no, "text", f"expected a string, got {doc.get('text')!r}")
+        if not _passage_text(doc).strip():
+            if skipped is not None:
+                skipped.append(str(doc["_id"]))
+            continue
         ids.append(str(doc["_id"]))
         texts.append(_passage_text(doc))
         langs.append(str(doc.get("lang") or "und"))
-    if len(ids) != plan.count:
+    if len(ids) + (len(skipped) if skipped is not None else plan.count - len(ids)) != plan.count:
         raise CorpusFormatError(
             plan.path,
             plan.first_line,
@@ -144,8 +153,15 @@ def ids_path(out_dir: Path, index: int) -> Path:
     return out_dir / f"ids-{index:05d}.json"
 
 
-def write_shard(out_dir: Path, index: int, ids: list[str], langs: list[str], emb_ND: np.ndarray) -> None:
-    """Embeddings first, ids last: the ids file marks the shard as done."""
+def write_shard(
+    out_dir: Path,
+    index: int,
+    ids: list[str],
+    langs: list[str],
+    emb_ND: np.ndarray,
+    skipped: list[str] | None = None,
+) -> None:
+    """Embeddings first, ids last: the ids file marks the shard as done. ``skipped``: ids left out (no text)."""
     if emb_ND.shape[0] != len(ids):
         raise ValueError(f"shard {index}: {emb_ND.shape[0]} embeddings for {len(ids)} ids")
     e = emb_path(out_dir, index)
@@ -153,7 +169,7 @@ def write_shard(out_dir: Path, index: int, ids: list[str], langs: list[str], emb
     with open(tmp, "wb") as f:
         np.save(f, emb_ND, allow_pickle=False)
     os.replace(tmp, e)
-    write_json_atomic(ids_path(out_dir, index), {"ids": ids, "langs": langs})
+    write_json_atomic(ids_path(out_dir, index), {"ids": ids, "langs": langs, "skipped": skipped or []})
 
 
 def shard_done(out_dir: Path, plan: ShardPlan) -> bool:
@@ -162,10 +178,11 @@ def shard_done(out_dir: Path, plan: ShardPlan) -> bool:
         return False
     try:
         n_emb = np.load(e, mmap_mode="r", allow_pickle=False).shape[0]
-        n_ids = len(json.loads(i.read_text())["ids"])
+        meta = json.loads(i.read_text())
+        n_ids, n_skipped = len(meta["ids"]), len(meta.get("skipped", []))
     except (ValueError, OSError, KeyError, json.JSONDecodeError):
         return False
-    return n_emb == n_ids == plan.count
+    return n_emb == n_ids and n_ids + n_skipped == plan.count
 
 
 class EmbeddingStore:
@@ -241,7 +258,7 @@ def write_store(
     for i, start in enumerate(range(0, n, shard_size)):
         end = min(n, start + shard_size)
         write_shard(out, i, ids[start:end], langs[start:end], emb_ND[start:end])
-        shards.append({"index": i, "count": end - start, "attempts": 1})
+        shards.append({"index": i, "count": end - start, "rows": end - start, "attempts": 1})
     write_json_atomic(
         out / "manifest.json",
         {

@@ -137,12 +137,23 @@ def test_killed_worker_job_finishes_exactly_once(ray_env, setup):
     _check_store(root / "out_kill", corpus, ref)
 
 
-def test_bad_corpus_record_names_file_line_field(ray_env, setup, tmp_path):
+def test_corpus_records_local(ray_env, setup, tmp_path):
     _root, _corpus, spec, _ref, _pool = setup
     bad = tmp_path / "corpus.jsonl"
     bad.write_text('{"_id": "a", "text": "alpha"}\n{"_id": "b", "txt": "beta"}\n')
     with pytest.raises(CorpusFormatError, match=r"corpus.jsonl:2: field 'text'"):
         encode_corpus_local(spec, bad, tmp_path / "out", shard_size=5, progress=False)
+    # Passages without any text are left out and counted (as read_beir does); positions stay consistent.
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(
+        '{"_id": "a", "text": "alpha"}\n\n{"_id": "e", "text": " ", "title": ""}\n{"_id": "b", "text": "beta"}\n'
+    )
+    res = encode_corpus_local(spec, ok, tmp_path / "ok", shard_size=2, progress=False)
+    assert res.manifest["skipped_no_text"] == 1 and res.manifest["num_passages"] == 2
+    store = EmbeddingStore(tmp_path / "ok")
+    assert store.all_ids() == ["a", "b"]
+    q = load_encoder(spec, "cpu").encode(["beta"], is_query=True)
+    assert search_store(tmp_path / "ok", q, 2, parallel="none").docids[0][0] in ("a", "b")
 
 
 def test_float16_and_ray_search_last(ray_env, setup):
