@@ -288,26 +288,58 @@ class TrackingConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation: collections, FAISS index, metrics and post-hoc baselines."""
+    """Evaluation (``lancer eval``): encode + search + metrics + post-hoc baselines + language-bias analyses."""
 
-    # BEIR-layout collection directories (corpus.jsonl, queries.jsonl, qrels/test.tsv).
+    # Encoder directory evaluated as the baseline; "" = model.name_or_path (or, for a random model.backbone_config,
+    # that random model seeded with train.seed). Prefixes and lengths come from the model section.
+    model: str = ""
+    # A LANCER-trained encoder directory shown next to the baseline (Table 2); "" = none.
+    lancer_model: str = ""
+    # BEIR-layout collection directories (corpus.jsonl, queries.jsonl, qrels/test.tsv), each evaluated.
     collections: list[str] = field(default_factory=list)
+    # Where embeddings, runs, tables and plots go; "" = <output_dir>/eval.
+    output_dir: str = ""
     index_factory: str = "Flat"
-    num_shards: int = 2
+    # Passages per embedding shard (= per FAISS index shard, searched in parallel).
+    shard_size: int = 20000
     top_k: int = 100
     batch_size: int = 64
-    num_workers: int = 2
+    # Ray encoding actors: 0 = one per GPU, or (no GPU) one per cpus_per_worker CPUs.
+    num_workers: int = 0
+    cpus_per_worker: int = 1
+    # "" = $RAY_ADDRESS or a new local Ray instance; "auto" or host:port joins a cluster.
+    ray_address: str = ""
     dtype: Literal["float32", "float16"] = "float32"
     measures: list[str] = field(default_factory=lambda: ["nDCG@10", "AP@100", "R@100", "RR@10"])
+    # XOR-Retrieve Recall@kt thresholds (tokens), computed for collections whose queries carry "answers".
+    recall_kt: list[int] = field(default_factory=lambda: [5000, 2000])
     baselines: list[Literal["lsar", "leace"]] = field(default_factory=lambda: ["lsar", "leace"])
     lsar_rank: int = 0  # 0 = number of languages
+    # Multilingual passages (a BEIR dir) the post-hoc baselines are fitted on; "" = the probe collection.
+    posthoc_collection: str = ""
+    posthoc_max_passages: int = 20000
+    # Multilingual passages for the language-ID probe and t-SNE; "" = the collection with the most languages.
+    probe_collection: str = ""
+    probe_per_language: int = 200
+    # Passages per language in the t-SNE plot (the paper: 300); 0 = no plot.
+    tsne_samples: int = 300
+    # Collection for nDCG@10 as languages are added to the pool (Fig. 1/3); "" = the one with the most query
+    # languages; "none" = skip. language_order: the order languages are added (empty = en first, then sorted).
+    pool_growth_collection: str = ""
+    language_order: list[str] = field(default_factory=list)
+    seed: int = 0
 
     def validate(self, p: str) -> None:
-        _check(self.num_shards >= 1, f"{p}.num_shards", self.num_shards, "an integer >= 1")
+        _check(self.shard_size >= 1, f"{p}.shard_size", self.shard_size, "an integer >= 1")
         _check(self.top_k >= 1, f"{p}.top_k", self.top_k, "an integer >= 1")
         _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "an integer >= 1")
-        _check(self.num_workers >= 1, f"{p}.num_workers", self.num_workers, "an integer >= 1")
+        _check(self.num_workers >= 0, f"{p}.num_workers", self.num_workers, "an integer >= 0 (0 = auto)")
+        _check(self.cpus_per_worker >= 1, f"{p}.cpus_per_worker", self.cpus_per_worker, "an integer >= 1")
         _check(self.lsar_rank >= 0, f"{p}.lsar_rank", self.lsar_rank, "an integer >= 0")
+        _check(all(k > 0 for k in self.recall_kt), f"{p}.recall_kt", self.recall_kt, "a list of integers > 0")
+        _check(self.posthoc_max_passages >= 2, f"{p}.posthoc_max_passages", self.posthoc_max_passages, ">= 2")
+        _check(self.probe_per_language >= 2, f"{p}.probe_per_language", self.probe_per_language, ">= 2")
+        _check(self.tsne_samples >= 0, f"{p}.tsne_samples", self.tsne_samples, "an integer >= 0")
 
 
 @dataclass
