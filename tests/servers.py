@@ -301,6 +301,9 @@ class SlurmCluster:
             f"SlurmdUser={user}",
             "AuthType=auth/none",
             "CredType=cred/none",
+            # Job credentials live 120 s by default, and a requeued job waits that long before it may start again;
+            # 10 s keeps the preemption test short.
+            "AuthInfo=cred_expire=10",
             f"StateSaveLocation={state}",
             f"SlurmdSpoolDir={self.root / 'spool' / '%n'}",
             f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",
