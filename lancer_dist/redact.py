@@ -75,14 +75,25 @@ def is_secret_name(name: str) -> bool:
     return False
 
 
+def _environ_snapshot() -> dict[str, str]:
+    """A copy of os.environ that tolerates other threads (e.g. MLflow's telemetry) changing it meanwhile."""
+    for _ in range(10):
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):
+            continue
+    raw = list(os.environ._data.items())  # type: ignore[attr-defined]  # one C-level copy, atomic under the GIL
+    return {os.fsdecode(k): os.fsdecode(v) for k, v in raw}
+
+
 def secret_env_names(env: Mapping[str, str] | None = None) -> list[str]:
-    env = os.environ if env is None else env
+    env = _environ_snapshot() if env is None else env
     return sorted(k for k, v in env.items() if v and is_secret_name(k))
 
 
 def secret_values(env: Mapping[str, str] | None = None, min_length: int = 4) -> list[str]:
     """Values of secret-named environment variables (longest first, so overlapping values redact fully)."""
-    env = os.environ if env is None else env
+    env = _environ_snapshot() if env is None else env
     vals = {v for k, v in env.items() if is_secret_name(k) and v and len(v) >= min_length}
     return sorted(vals, key=len, reverse=True)
 

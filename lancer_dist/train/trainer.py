@@ -81,6 +81,10 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     ds["zero_allow_untested_optimizer"] = True  # our torch AdamW: no fused-Adam JIT build on CPU
     ds["bf16"] = {"enabled": cfg.train.precision == "bf16"}
     ds["fp16"] = {"enabled": cfg.train.precision == "fp16"}
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        # the final model is gathered from the shards (in the training dtype, despite the option's name)
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
     ds.pop("optimizer", None)
     ds.pop("scheduler", None)
     ds.setdefault("steps_per_print", 10**9)
@@ -101,7 +105,12 @@ def build_accelerator(cfg: RunConfig) -> Any:
     if cfg.train.strategy == "deepspeed":
         os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1"))))
-    return Accelerator(cpu=cpu, mixed_precision=mixed, deepspeed_plugin=plugin, kwargs_handlers=handlers)
+    # cpu=True would make Accelerate ignore DeepSpeed; without a GPU it runs on the CPU anyway.
+    force_cpu = cpu and cfg.train.strategy != "deepspeed"
+    acc = Accelerator(cpu=force_cpu, mixed_precision=mixed, deepspeed_plugin=plugin, kwargs_handlers=handlers)
+    if cfg.train.strategy == "deepspeed" and str(acc.distributed_type) != "DistributedType.DEEPSPEED":
+        raise RuntimeError(f"DeepSpeed was requested but Accelerate set up {acc.distributed_type}")
+    return acc
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -215,8 +224,10 @@ class Trainer:
         if cfg.train.precision == "fp64":
             model = model.double()
         optimizer = build_optimizer(model, cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        # Built on the prepared optimizer (ZeRO-3 regroups parameters), stepped by us, and checkpointed in
+        # trainer_state.json (plain JSON: nothing is unpickled on resume).
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.stream = TrainStream(cfg, self.tokenizer, rank=self.rank, world_size=self.world)
         self.num_languages = len(self.stream.languages)
         self.collectives = dist.ProcessGroupCollectives()
@@ -421,6 +432,7 @@ class Trainer:
                 "world_size": self.world,
                 "run_id": self.tracker.run_id,
                 "probe_history": self.probe_history,
+                "scheduler": self.scheduler.state_dict(),
             }
             (tmp / TRAINER_STATE).write_text(json.dumps(state))
             shutil.rmtree(final, ignore_errors=True)
@@ -456,6 +468,7 @@ class Trainer:
                 f"a checkpoint written with the same world size (it has {state['world_size']}, now {self.world})",
             )
         self.accelerator.load_state(str(path))
+        self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(json.loads((path / f"stream-rank{self.rank:05d}.json").read_text()))
         self.step = int(state["step"])
         self.probe_history = list(state.get("probe_history", []))
@@ -483,7 +496,8 @@ class Trainer:
         ckpt = self.latest_checkpoint()
         resume_run = None
         if ckpt is not None:
-            resume_run = self.load_checkpoint(ckpt).get("run_id")
+            # None when the tracking store was down at the start: the tracker then finds the run by its spool
+            resume_run = self.load_checkpoint(ckpt).get("run_id") or "auto"
         self.tracker.start(config_to_dict(cfg), run_name=cfg.tracking.run_name or cfg.name, resume_run_id=resume_run)
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)

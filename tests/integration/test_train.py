@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.integration.trainrun import REPO, check, run_train, torchrun_cmd, train_env, write_config
+from tests.integration.trainrun import check, run_group, run_train, torchrun_cmd, train_env, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def _one_step(tmp_path: Path, cfg: Path, nproc: int, name: str) -> tuple[dict, d
     out = tmp_path / name
     prog = "tests.distributed.trainer_step_program"
     cmd = [sys.executable, "-m", prog] if nproc == 1 else torchrun_cmd(nproc, module=prog)
-    check(subprocess.run([*cmd, str(cfg), str(out)], env=train_env(), capture_output=True, text=True, timeout=600))
+    check(run_group([*cmd, str(cfg), str(out)], 600))
     return json.loads((out / "metrics.json").read_text()), load_file(str(out / "params.safetensors"))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -89,7 +90,21 @@ def run_train(config: Path, *overrides: str, nproc: int = 1, timeout: float = 60
         cmd = [sys.executable, "-m", "lancer_dist.cli", "train", "--config", str(config), *overrides]
     else:
         cmd = torchrun_cmd(nproc, "train", "--config", str(config), *overrides)
-    return subprocess.run(cmd, env=train_env(), capture_output=True, text=True, timeout=timeout)
+    return run_group(cmd, timeout)
+
+
+def run_group(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a command in its own process group; on timeout the whole group (torchrun and its ranks) is killed."""
+    proc = subprocess.Popen(
+        cmd, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {cmd}\n--- stderr\n{err[-6000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def check(proc: subprocess.CompletedProcess, code: int = 0) -> None:
