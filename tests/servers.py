@@ -107,6 +107,22 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+def _pids_with_env(name: str, value: str) -> list[int]:
+    """Processes whose environment has ``name=value`` (the ones a test cluster started, and their children)."""
+    needle = f"{name}={value}".encode()
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    out.append(int(entry))
+        except OSError:
+            continue
+    return out
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -439,6 +455,12 @@ class SlurmCluster:
     def stop(self) -> None:
         if not self.procs:
             return
+        # Jobs still running (a test that failed half-way) are cancelled first; slurmstepd detaches from slurmd, so
+        # whatever survives is found below by the SLURM_CONF of this cluster in its environment.
+        with contextlib.suppress(Exception):
+            ids = self.run(["squeue", "-h", "-o", "%i"], check=False, timeout=15).stdout.split()
+            if ids:
+                self.run(["scancel", *ids], check=False, timeout=15)
         # scontrol shutdown stops slurmctld and every slurmd it knows; then make sure by pid.
         with contextlib.suppress(Exception):
             self.run(["scontrol", "shutdown"], check=False, timeout=15)
@@ -448,6 +470,14 @@ class SlurmCluster:
         for p in self.procs.values():
             stop_process_group(p, timeout=5)
         self.procs = {}
+        leftovers = _pids_with_env("SLURM_CONF", str(self.conf))
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in leftovers:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and any(_alive(p) for p in leftovers):
+                time.sleep(0.2)
 
     def __enter__(self) -> SlurmCluster:
         return self.start()
@@ -607,6 +637,11 @@ class RayCluster:
         for p in reversed(self.procs):
             stop_process_group(p, timeout=20)
         self.procs = []
+        # Anything of this cluster that left the process tree (daemonised helpers) still has its RAY_TMPDIR.
+        leftovers = _pids_with_env("RAY_TMPDIR", str(self.tmpdir))
+        for pid in leftovers:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
     def __enter__(self) -> RayCluster:
