@@ -2,8 +2,8 @@
 
 Scores are inner products. Ranking order is total: score descending, then corpus position ascending, so results
 are deterministic under ties. FAISS does not promise which of several tied documents it keeps at the k-th place,
-so each shard asks for ``k + 1`` neighbours and, while the (k+1)-th score still ties the k-th, doubles its request:
-each shard's list is then exactly its top-k in the total order, and the merge (a pure function) of per-shard top-k
+so each shard asks for ``k + 1`` neighbours and, for the queries whose last returned score still ties their k-th,
+doubles its request: each shard's list is then exactly its top-k in the total order, and the merge (a pure function) of per-shard top-k
 lists is exactly the global top-k. For ``Flat`` indexes this equals brute force over the whole corpus.
 
 Index types come from ``faiss.index_factory`` strings (``Flat``, ``IVF256,Flat``, ``HNSW32``, ``PQ16``,
@@ -109,16 +109,29 @@ def search_index_exact(
     if k_eff == 0:
         return np.full((q.shape[0], k), -np.inf, np.float32), np.full((q.shape[0], k), -1, np.int64)
     ask = min(k_eff + 1, n)
-    while True:
-        D, Id = index.search(q, ask)
-        if ask >= n:
-            break
-        # Exact when every query's (k+1)-th score is strictly below its k-th (no tie straddles the cut).
-        if np.all((D[:, k_eff] < D[:, k_eff - 1]) | (Id[:, k_eff] < 0)):
-            break
+    D, Id = index.search(q, ask)
+    s_out, p_out = sort_candidates(D.astype(np.float32), _positions(Id, offset), k)
+
+    def unresolved(D_: np.ndarray, Id_: np.ndarray, asked: int) -> np.ndarray:
+        # A row is exact when its last returned score is strictly below its k-th (every document tied with the
+        # k-th is inside the returned set), or when the index has no more documents to give.
+        if asked >= n:
+            return np.zeros(D_.shape[0], dtype=bool)
+        return (D_[:, asked - 1] >= D_[:, k_eff - 1]) & (Id_[:, asked - 1] >= 0)
+
+    rows = np.flatnonzero(unresolved(D, Id, ask))
+    while rows.size:
+        # Only the rows with a tie straddling the cut are searched again, with twice as many neighbours.
         ask = min(2 * ask, n)
-    pos = np.where(Id >= 0, Id.astype(np.int64) + offset, -1)
-    return sort_candidates(D.astype(np.float32), pos, k)
+        D2, I2 = index.search(np.ascontiguousarray(q[rows]), ask)
+        s2, p2 = sort_candidates(D2.astype(np.float32), _positions(I2, offset), k)
+        s_out[rows], p_out[rows] = s2, p2
+        rows = rows[unresolved(D2, I2, ask)]
+    return s_out, p_out
+
+
+def _positions(Id: np.ndarray, offset: int) -> np.ndarray:
+    return np.where(Id >= 0, Id.astype(np.int64) + offset, -1)
 
 
 def _search_shard(

@@ -103,3 +103,36 @@ def test_transform_applied_inside_shards(tmp_path):
     _ref_s, ref_p = brute_force_topk(t(q), t(p), 7)
     np.testing.assert_array_equal(res.positions, ref_p)
     assert EmbeddingStore(tmp_path).num_shards == 4
+
+
+class _CountingIndex:
+    """Wraps a FAISS index and records the (rows, k) of each search call."""
+
+    def __init__(self, index):
+        self.index, self.calls = index, []
+        self.ntotal = index.ntotal
+
+    def search(self, q, k):
+        self.calls.append((q.shape[0], k))
+        return self.index.search(q, k)
+
+
+def test_tie_expansion_is_bounded():
+    rng = np.random.default_rng(5)
+    p = rng.normal(size=(2000, 8)).astype(np.float32)
+    q = rng.normal(size=(50, 8)).astype(np.float32)
+    idx = _CountingIndex(build_index(p, "Flat"))
+    search_index_exact(idx, q, 10)
+    assert idx.calls == [(50, 11)]  # no ties: one search of k + 1
+    # One query whose 9th..14th scores tie (straddling the 10th place): only that row is searched again.
+    p2 = np.zeros((100, 2), np.float32)
+    p2[:8, 0] = np.arange(100, 92, -1)
+    p2[8:14, 0] = 50.0
+    p2[14:, 0] = -np.arange(86)
+    p2[:, 1] = np.arange(100)  # the second query's scores are all distinct
+    q2 = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    idx2 = _CountingIndex(build_index(p2, "Flat"))
+    _, pos = search_index_exact(idx2, q2, 10)
+    assert idx2.calls == [(2, 11), (1, 22)]
+    np.testing.assert_array_equal(pos, brute_force_topk(q2, p2, 10)[1])
+    assert pos[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]  # ties broken by corpus position
