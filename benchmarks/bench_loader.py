@@ -33,7 +33,9 @@ def main() -> int:
     from lancer_dist.paths import cache_dir
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(cache_dir() / "data" / "bible"), help="dir with erasure/ and retrieval/")
+    ap.add_argument(
+        "--data", default=str(cache_dir() / "data" / "bible"), help="dir with erasure/ and retrieval/"
+    )
     ap.add_argument("--tokenizer", default=str(cache_dir() / "models" / "multilingual-e5-small"))
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
@@ -47,7 +49,9 @@ def main() -> int:
 
     data = Path(args.data)
     if not (data / "erasure" / "manifest.json").is_file():
-        print(f"NOTE: no Bible shards under {data}; building them (lancer_dist.data.offline)", file=sys.stderr)
+        print(
+            f"NOTE: no Bible shards under {data}; building them (lancer_dist.data.offline)", file=sys.stderr
+        )
         from lancer_dist.data.offline import ensure_bible_data
 
         ensure_bible_data(data)
