@@ -7,8 +7,8 @@ Encoding uses a randomly initialised BERT (``--hidden``, ``--layers``) with a wo
 corpus, or any encoder directory given with ``--model``. Each worker gets 1 CPU thread, so 2 workers on 2 cores is
 the ideal 2x. Pool start-up (actors loading the model) is reported separately from the job time. Search compares one
 Flat index over the whole corpus (FAISS with ``--threads`` threads) with ``--search-shards`` per-shard indexes
-searched by parallel Ray tasks (1 CPU each) plus the exact merge; both include index building, and their results
-are checked to be identical. Prints a JSON object and the ratios.
+searched by parallel Ray tasks (1 CPU each) plus the exact merge; both include index building; their top-k
+sets are compared (float rounding may reorder near-ties between one big and several small BLAS calls). Prints a JSON object and the ratios.
 """
 
 from __future__ import annotations
@@ -127,9 +127,13 @@ def bench_search(args: argparse.Namespace, work: Path) -> dict[str, float]:
         out["sharded_ray_s"] = time.perf_counter() - t0
     finally:
         ray.shutdown()
-    assert np.array_equal(par.positions, single[1]) and np.array_equal(seq.positions, single[1]), (
-        "results differ"
+    # Exactness is tested on exact (integer) data in tests/unit/test_retrieval_search.py; on float data the same
+    # inner product computed in different BLAS blocks can differ in the last bit, which reorders near-ties.
+    out["same_topk_set_fraction"] = float(
+        np.mean([len(set(a) & set(b)) / args.k for a, b in zip(par.positions, single[1])])
     )
+    out["max_abs_score_diff"] = float(np.max(np.abs(par.scores - single[0])))
+    assert np.array_equal(par.positions, seq.positions), "Ray and in-process sharded search differ"
     out["ratio_single_over_sharded_ray"] = t_single / out["sharded_ray_s"]
     return out
 
