@@ -178,23 +178,33 @@ class BiEncoder(nn.Module):
     def score(self, q_BD: Tensor, p_PD: Tensor) -> Tensor:
         return q_BD @ p_PD.T / self.temperature
 
-    def save_pretrained(self, out_dir: str | Path, tokenizer: Any = None, extra: dict | None = None) -> Path:
+    def save_pretrained(
+        self,
+        out_dir: str | Path,
+        tokenizer: Any = None,
+        extra: dict | None = None,
+        state_dict: dict[str, Tensor] | None = None,
+    ) -> Path:
         """Save as a transformers model directory that sentence-transformers can load (shared towers), or as
         ``query/`` + ``passage/`` sub-directories (two towers). Pooling and normalisation are recorded both in
-        sentence-transformers' module files and in ``lancer_encoder.json``."""
+        sentence-transformers' module files and in ``lancer_encoder.json``. ``state_dict`` (this module's keys)
+        replaces the parameters' own values: the full weights gathered from sharded (ZeRO-3) parameters."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         targets = (
-            [(out, self.query_backbone)]
+            [(out, self.query_backbone, "query_backbone.")]
             if self.shared
             else [
-                (out / "query", self.query_backbone),
-                (out / "passage", self.passage_backbone),
+                (out / "query", self.query_backbone, "query_backbone."),
+                (out / "passage", self.passage_backbone, "passage_backbone."),
             ]
         )
-        for d, bb in targets:
+        for d, bb, prefix in targets:
             assert bb is not None
-            bb.save_pretrained(d, safe_serialization=True)
+            sub = None
+            if state_dict is not None:
+                sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            bb.save_pretrained(d, safe_serialization=True, state_dict=sub)
             if tokenizer is not None:
                 tokenizer.save_pretrained(d)
             _write_sentence_transformers_modules(d, self.embedding_dim, self.pooling, self.normalize)

@@ -481,11 +481,13 @@ class Trainer:
         out = self.out_dir / "final_model"
         state = self.accelerator.get_state_dict(self.model)  # gathers ZeRO-3 shards; rank 0 gets the full dict
         if self.rank == 0:
-            from lancer_dist.model import BiEncoder
-
-            cpu_model = BiEncoder.from_config(self.cfg.model)
-            cpu_model.load_state_dict({k: v.cpu() for k, v in state.items()})
-            cpu_model.save_pretrained(out, tokenizer=self.tokenizer, extra={"run": self.cfg.name})
+            # No new model is built here: under ZeRO-3 that would be a collective (zero.Init) on rank 0 alone.
+            self.accelerator.unwrap_model(self.model).save_pretrained(
+                out,
+                tokenizer=self.tokenizer,
+                extra={"run": self.cfg.name},
+                state_dict={k: v.detach().cpu() for k, v in state.items()},
+            )
         dist.barrier()
         return out
 
