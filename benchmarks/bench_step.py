@@ -36,21 +36,42 @@ def main() -> None:
     tr = Trainer(cfg)
     model, g = tr.model, cfg.data.retrieval.group_size
     world = dist.get_world_size()
-    phases: dict[str, list[float]] = {k: [] for k in
-                                      ("forward", "gather", "retrieval_loss", "erasure_loss_fwd",
-                                       "erasure_loss_bwd", "backward", "optimizer", "step")}
+    phases: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "forward",
+            "gather",
+            "retrieval_loss",
+            "erasure_loss_fwd",
+            "erasure_loss_bwd",
+            "backward",
+            "optimizer",
+            "step",
+        )
+    }
     it = iter(tr.stream)
     for i in range(args.steps + 2):
         b = next(it)
         t0 = time.perf_counter()
-        q, p, x = model(b.query_input_ids, b.query_attention_mask, b.passage_input_ids,
-                        b.passage_attention_mask, b.erasure_input_ids, b.erasure_attention_mask)
+        q, p, x = model(
+            b.query_input_ids,
+            b.query_attention_mask,
+            b.passage_input_ids,
+            b.passage_attention_mask,
+            b.erasure_input_ids,
+            b.erasure_attention_mask,
+        )
         t1 = time.perf_counter()
         p_all, off = dist.gather_with_grad(p)
         t2 = time.perf_counter()
         n_global = int(dist.all_reduce_sum(torch.tensor([float(q.shape[0])]))[0])
-        lr = contrastive_loss(q, p_all, group_positive_index(q.shape[0], g, off, q.device),
-                              temperature=cfg.model.temperature, reduction="sum") * (world / n_global)
+        lr = contrastive_loss(
+            q,
+            p_all,
+            group_positive_index(q.shape[0], g, off, q.device),
+            temperature=cfg.model.temperature,
+            reduction="sum",
+        ) * (world / n_global)
         t3 = time.perf_counter()
         lc = erasure_loss(x, b.erasure_languages, tr.num_languages, sum_fn=dist.all_reduce_with_grad)
         t4 = time.perf_counter()
@@ -64,8 +85,11 @@ def main() -> None:
         tr.optimizer.zero_grad(set_to_none=True)
         t7 = time.perf_counter()
         if i >= 2:
-            for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6,
-                                     t7 - t0 - (t5 - t4)), strict=True):
+            for k, v in zip(
+                phases,
+                (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6, t7 - t0 - (t5 - t4)),
+                strict=True,
+            ):
                 phases[k].append(v)
     step = statistics.mean(phases["step"])
     if dist.is_main_process():
@@ -85,8 +109,10 @@ def main() -> None:
         next(sit)
     rate = (n - 1) / (time.perf_counter() - t0)
     if dist.is_main_process():
-        print(f"loader: {rate:.2f} batches/s (num_workers={cfg.data.num_workers}); trainer consumes "
-              f"{1 / step:.2f} steps/s; ratio {rate * step:.1f}x")
+        print(
+            f"loader: {rate:.2f} batches/s (num_workers={cfg.data.num_workers}); trainer consumes "
+            f"{1 / step:.2f} steps/s; ratio {rate * step:.1f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -22,17 +22,15 @@ rm -rf "$OUT/baseline" "$OUT/lancer"
 lancer train --config configs/quickstart.yaml name=baseline output_dir=$OUT/baseline loss.erasure_weight=0
 lancer train --config configs/quickstart.yaml name=lancer output_dir=$OUT/lancer loss.erasure_weight=1
 
-echo "== 4/4 evaluation"
-if lancer eval --help >/dev/null 2>&1; then
-  lancer eval --config configs/quickstart_eval.yaml
-else
-  echo "(lancer eval is not part of this build yet)"
-fi
+echo "== 4/4 evaluation: baseline, +LSAR, +LEACE, LANCER on the held-out books (Ray encoding, sharded FAISS)"
+lancer eval --config configs/quickstart.yaml name=quickstart-eval output_dir=$OUT/eval-run \
+  eval.model=$OUT/baseline/final_model eval.lancer_model=$OUT/lancer/final_model
 
 cat <<MSG
 
 Done. Where to look:
   models:      $OUT/baseline/final_model  $OUT/lancer/final_model
   curves:      $OUT/*/probe_curve.png (language probe accuracy during training)
+  evaluation:  $OUT/eval/table.md, $OUT/eval/pool_growth.png, $OUT/eval/tsne.png
   MLflow:      . .venv/bin/activate && mlflow ui --backend-store-uri sqlite:///$PWD/$OUT/mlflow.db --host 127.0.0.1
 MSG

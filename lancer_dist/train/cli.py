@@ -16,7 +16,10 @@ def _train(args: argparse.Namespace) -> int:
     check_launch_config(cfg)
     result = train(cfg)
     if result.preempted:
-        print(f"preempted at step {result.step}; checkpoint saved, exiting {PREEMPTED_EXIT_CODE}", file=sys.stderr)
+        print(
+            f"preempted at step {result.step}; checkpoint saved, exiting {PREEMPTED_EXIT_CODE}",
+            file=sys.stderr,
+        )
         return PREEMPTED_EXIT_CODE
     if result.run_id:
         print(f"MLflow run {result.run_id} (experiment '{cfg.tracking.experiment}')", file=sys.stderr)

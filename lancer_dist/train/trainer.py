@@ -35,7 +35,6 @@ from lancer_dist.losses import LossOutput, lancer_loss
 
 log = logging.getLogger("lancer.train")
 
-from lancer_dist.train import PREEMPTED_EXIT_CODE  # noqa: E402  (75: the SLURM launcher requeues)
 CKPT_PREFIX = "step-"
 TRAINER_STATE = "trainer_state.json"
 
@@ -63,7 +62,9 @@ def check_launch_config(cfg: RunConfig) -> None:
             f"a multiple of the world size {world}",
         )
     if cfg.train.deepspeed_config and not Path(cfg.train.deepspeed_config).is_file():
-        raise ConfigError("train.deepspeed_config", cfg.train.deepspeed_config, "an existing DeepSpeed JSON file")
+        raise ConfigError(
+            "train.deepspeed_config", cfg.train.deepspeed_config, "an existing DeepSpeed JSON file"
+        )
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
@@ -114,12 +115,16 @@ def build_accelerator(cfg: RunConfig) -> Any:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.dim() < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=cfg.train.lr)
 
 
@@ -211,7 +216,9 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         _setup_logging(self.rank)
         self.out_dir = Path(cfg.output_dir)
-        self.ckpt_dir = Path(cfg.train.checkpoint.dir) if cfg.train.checkpoint.dir else self.out_dir / "checkpoints"
+        self.ckpt_dir = (
+            Path(cfg.train.checkpoint.dir) if cfg.train.checkpoint.dir else self.out_dir / "checkpoints"
+        )
         seed_everything(cfg.train.seed)
 
         from lancer_dist.data.stream import TrainStream
@@ -294,9 +301,12 @@ class Trainer:
                     states.append(torch.get_rng_state())
                     parts.append(enc.encode(ids[sl], mask[sl], is_query=is_q))
                 rng.append(states)
-                embs.append(torch.cat(parts) if parts else torch.zeros(0, enc.embedding_dim, dtype=self.loss_dtype))
+                embs.append(
+                    torch.cat(parts) if parts else torch.zeros(0, enc.embedding_dim, dtype=self.loss_dtype)
+                )
         leaves = [e.detach().requires_grad_(True) for e in embs]
-        out = self._loss(*leaves, b.erasure_languages)
+        q_l, p_l, x_l = leaves
+        out = self._loss(q_l, p_l, x_l, b.erasure_languages)
         out.loss.backward()
         grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
         work = [
@@ -332,7 +342,9 @@ class Trainer:
             out = self._forward_backward(b)
         grad_norm = float("nan")
         if self.cfg.train.max_grad_norm > 0 and self.cfg.train.strategy != "deepspeed":
-            grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm))
+            grad_norm = float(
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm)
+            )
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -454,7 +466,9 @@ class Trainer:
         if resume != "auto":
             p = Path(resume)
             if not (p / TRAINER_STATE).is_file():
-                raise ConfigError("train.checkpoint.resume", resume, "'auto', 'never' or a complete checkpoint")
+                raise ConfigError(
+                    "train.checkpoint.resume", resume, "'auto', 'never' or a complete checkpoint"
+                )
             return p
         done = sorted(p for p in self.ckpt_dir.glob(f"{CKPT_PREFIX}*") if (p / TRAINER_STATE).is_file())
         return done[-1] if done else None
@@ -479,7 +493,9 @@ class Trainer:
 
     def save_final_model(self) -> Path:
         out = self.out_dir / "final_model"
-        state = self.accelerator.get_state_dict(self.model)  # gathers ZeRO-3 shards; rank 0 gets the full dict
+        state = self.accelerator.get_state_dict(
+            self.model
+        )  # gathers ZeRO-3 shards; rank 0 gets the full dict
         if self.rank == 0:
             # No new model is built here: under ZeRO-3 that would be a collective (zero.Init) on rank 0 alone.
             self.accelerator.unwrap_model(self.model).save_pretrained(
@@ -500,7 +516,9 @@ class Trainer:
         if ckpt is not None:
             # None when the tracking store was down at the start: the tracker then finds the run by its spool
             resume_run = self.load_checkpoint(ckpt).get("run_id") or "auto"
-        self.tracker.start(config_to_dict(cfg), run_name=cfg.tracking.run_name or cfg.name, resume_run_id=resume_run)
+        self.tracker.start(
+            config_to_dict(cfg), run_name=cfg.tracking.run_name or cfg.name, resume_run_id=resume_run
+        )
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._log_config_artifacts()
@@ -518,7 +536,9 @@ class Trainer:
                 metrics["step"] = float(self.step)
                 self.history.append(metrics)
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
-                    self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=self.step)
+                    self.tracker.log_metrics(
+                        {k: v for k, v in metrics.items() if k != "step"}, step=self.step
+                    )
                     log.info("step %d %s", self.step, _fmt(metrics))
                 if self.step % cfg.probe.every == 0 or self.step == cfg.train.steps:
                     self.run_probe()

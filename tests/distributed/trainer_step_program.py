@@ -38,7 +38,9 @@ def main(config: str, out: str) -> None:
     if r == 0:
         model = tr.accelerator.unwrap_model(tr.model)
         Path(out).mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, f"{out}/params.safetensors")
+        save_file(
+            {n: p.detach().contiguous() for n, p in model.named_parameters()}, f"{out}/params.safetensors"
+        )
         Path(out, "metrics.json").write_text(json.dumps(metrics))
     torch.distributed.barrier() if torch.distributed.is_initialized() else None
 

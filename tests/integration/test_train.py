@@ -53,14 +53,22 @@ def test_ddp_two_ranks_equal_one_process_after_one_step(tmp_path, bible_data, e5
     print(f"float64 DDP(2) vs 1 process, max |param diff| after one AdamW step: {diff:.2e}")
     assert diff <= 1e-10
     before = load_file(str(e5_small_model_dir / "model.safetensors"))
-    assert max(float((p1[k].double() - before[k.split("backbone.", 1)[1]].double()).abs().max())
-               for k in p1 if k.split("backbone.", 1)[1] in before) > 1e-4  # the step moved the weights
+    assert (
+        max(
+            float((p1[k].double() - before[k.split("backbone.", 1)[1]].double()).abs().max())
+            for k in p1
+            if k.split("backbone.", 1)[1] in before
+        )
+        > 1e-4
+    )  # the step moved the weights
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_training_loss_decreases(tmp_path, bible_data, e5_small_model_dir, stage):
     cfg = write_config(
-        tmp_path, bible_data, e5_small_model_dir,
+        tmp_path,
+        bible_data,
+        e5_small_model_dir,
         train={"strategy": "deepspeed", "zero_stage": stage, "steps": 8, "lr": 3e-4},
     )
     proc = run_train(cfg, nproc=2)
@@ -84,7 +92,7 @@ def _wait_for(path_glob: Path, pattern: str, timeout: float, proc: subprocess.Po
         if found:
             return found[-1]
         if proc.poll() is not None:
-            out, err = proc.communicate()
+            _out, err = proc.communicate()
             raise AssertionError(f"training ended early ({proc.returncode}):\n{err[-6000:]}")
         time.sleep(0.2)
     raise AssertionError(f"no {pattern} in {path_glob} after {timeout}s")
@@ -93,16 +101,29 @@ def _wait_for(path_glob: Path, pattern: str, timeout: float, proc: subprocess.Po
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
 def test_sigkill_and_resume_gives_identical_parameters(tmp_path, bible_data, e5_small_model_dir, strategy):
     steps = 6
-    sections = {"train": {"strategy": strategy, "zero_stage": 2, "steps": steps, "lr": 3e-4,
-                          "checkpoint": {"every": 2}}}
+    sections = {
+        "train": {
+            "strategy": strategy,
+            "zero_stage": 2,
+            "steps": steps,
+            "lr": 3e-4,
+            "checkpoint": {"every": 2},
+        }
+    }
     ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
     ref_dir.mkdir()
     kill_dir.mkdir()
     check(run_train(write_config(ref_dir, bible_data, e5_small_model_dir, **sections), nproc=2))
 
     cfg = write_config(kill_dir, bible_data, e5_small_model_dir, **sections)
-    proc = subprocess.Popen(torchrun_cmd(2, "train", "--config", str(cfg)), env=train_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        torchrun_cmd(2, "train", "--config", str(cfg)),
+        env=train_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _wait_for(kill_dir / "run/checkpoints", "step-00000002", 600, proc)
         time.sleep(1.0)  # somewhere in step 3 or 4
@@ -128,9 +149,17 @@ def test_sigkill_and_resume_gives_identical_parameters(tmp_path, bible_data, e5_
 def test_preemption_checkpoints_and_exits_for_requeue(tmp_path, bible_data, e5_small_model_dir):
     from lancer_dist.train import PREEMPTED_EXIT_CODE
 
-    cfg = write_config(tmp_path, bible_data, e5_small_model_dir, train={"steps": 400, "checkpoint": {"every": 0}})
-    proc = subprocess.Popen(torchrun_cmd(2, "train", "--config", str(cfg)), env=train_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cfg = write_config(
+        tmp_path, bible_data, e5_small_model_dir, train={"steps": 400, "checkpoint": {"every": 0}}
+    )
+    proc = subprocess.Popen(
+        torchrun_cmd(2, "train", "--config", str(cfg)),
+        env=train_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         import psutil
 
@@ -138,16 +167,22 @@ def test_preemption_checkpoints_and_exits_for_requeue(tmp_path, bible_data, e5_s
         while time.time() - t0 < 300 and not (tmp_path / "mlflow.db").exists():
             time.sleep(0.5)
         time.sleep(3.0)
-        workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "lancer_dist.cli" in " ".join(c.cmdline())]
+        workers = [
+            c
+            for c in psutil.Process(proc.pid).children(recursive=True)
+            if "lancer_dist.cli" in " ".join(c.cmdline())
+        ]
         assert len(workers) == 2, workers
         workers[-1].send_signal(signal.SIGUSR1)  # one rank is told; all ranks agree at the step boundary
-        out, err = proc.communicate(timeout=300)
+        _out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     # torchrun reports a failed worker group with its own exit code; each worker exits with 75
     assert f"exitcode  : {PREEMPTED_EXIT_CODE}" in err or proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
-    ckpts = sorted(p for p in (tmp_path / "run/checkpoints").glob("step-*") if (p / "trainer_state.json").is_file())
+    ckpts = sorted(
+        p for p in (tmp_path / "run/checkpoints").glob("step-*") if (p / "trainer_state.json").is_file()
+    )
     assert len(ckpts) == 1
     stopped_at = json.loads((ckpts[0] / "trainer_state.json").read_text())["step"]
     assert 0 < stopped_at < 400
@@ -160,8 +195,13 @@ def test_preemption_checkpoints_and_exits_for_requeue(tmp_path, bible_data, e5_s
 def test_single_process_run_is_tracked_in_mlflow_with_probe(tmp_path, bible_data, e5_small_model_dir):
     from mlflow.tracking import MlflowClient
 
-    cfg = write_config(tmp_path, bible_data, e5_small_model_dir,
-                       train={"steps": 4, "lr": 1e-3}, probe={"enabled": True, "every": 2})
+    cfg = write_config(
+        tmp_path,
+        bible_data,
+        e5_small_model_dir,
+        train={"steps": 4, "lr": 1e-3},
+        probe={"enabled": True, "every": 2},
+    )
     proc = run_train(cfg)
     check(proc)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -169,8 +209,16 @@ def test_single_process_run_is_tracked_in_mlflow_with_probe(tmp_path, bible_data
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["train.lr"] == "0.001" and run.data.params["loss.erasure_weight"] == "1.0"
-    for key in ("loss/total", "loss/retrieval", "loss/erasure", "lr", "grad_norm", "passages_per_s",
-                "tokens_per_s", "peak_memory_mb"):
+    for key in (
+        "loss/total",
+        "loss/retrieval",
+        "loss/erasure",
+        "lr",
+        "grad_norm",
+        "passages_per_s",
+        "tokens_per_s",
+        "peak_memory_mb",
+    ):
         hist = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in hist] == [1, 2, 3, 4], key
     probe = client.get_metric_history(run.info.run_id, "probe/test_accuracy")
@@ -187,8 +235,15 @@ def test_gradient_caching_gives_the_plain_gradients(tmp_path, bible_data, e5_sma
     from lancer_dist.data.stream import TrainStream
     from lancer_dist.train.trainer import Trainer
 
-    cfg = load_config(write_config(tmp_path, bible_data, e5_small_model_dir,
-                                   data={"retrieval": {"queries_per_step": 4}}, tracking={"enabled": False}))
+    cfg = load_config(
+        write_config(
+            tmp_path,
+            bible_data,
+            e5_small_model_dir,
+            data={"retrieval": {"queries_per_step": 4}},
+            tracking={"enabled": False},
+        )
+    )
     cfg.model.dropout = 0.1  # dropout ON: the cached step replays each chunk's RNG state
     tr = Trainer(cfg)
     batch = next(iter(TrainStream(cfg, tr.tokenizer, rank=0, world_size=1)))

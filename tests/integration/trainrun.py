@@ -35,7 +35,11 @@ def write_config(tmp: Path, bible: Path, model_dir: Path, **sections: Any) -> Pa
         "loss": {"erasure_weight": 1.0},
         "data": {
             "retrieval": {"path": str(bible / "retrieval"), "group_size": 2, "queries_per_step": 4},
-            "erasure": {"path": str(bible / "erasure"), "languages": ["en", "fr", "zh", "ar"], "passages_per_language": 2},
+            "erasure": {
+                "path": str(bible / "erasure"),
+                "languages": ["en", "fr", "zh", "ar"],
+                "passages_per_language": 2,
+            },
             "num_workers": 0,
             "shuffle_buffer": 8,
         },
@@ -47,7 +51,13 @@ def write_config(tmp: Path, bible: Path, model_dir: Path, **sections: Any) -> Pa
             "seed": 7,
             "checkpoint": {"dir": str(tmp / "run" / "checkpoints"), "every": 0, "keep_last": 2},
         },
-        "probe": {"enabled": False, "every": 2, "path": str(bible / "probe"), "train_per_language": 8, "test_per_language": 4},
+        "probe": {
+            "enabled": False,
+            "every": 2,
+            "path": str(bible / "probe"),
+            "train_per_language": 8,
+            "test_per_language": 4,
+        },
         "tracking": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "test"},
     }
     for section, values in sections.items():
@@ -78,14 +88,26 @@ def train_env() -> dict[str, str]:
 
 def torchrun_cmd(nproc: int, *args: str, module: str = "lancer_dist.cli") -> list[str]:
     return [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nproc_per_node", str(nproc), "--nnodes", "1",
-        "--master_addr", "127.0.0.1", "--master_port", str(find_free_port()),
-        "-m", module, *args,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--nnodes",
+        "1",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(find_free_port()),
+        "-m",
+        module,
+        *args,
     ]
 
 
-def run_train(config: Path, *overrides: str, nproc: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_train(
+    config: Path, *overrides: str, nproc: int = 1, timeout: float = 600
+) -> subprocess.CompletedProcess:
     if nproc == 1:
         cmd = [sys.executable, "-m", "lancer_dist.cli", "train", "--config", str(config), *overrides]
     else:
@@ -96,7 +118,12 @@ def run_train(config: Path, *overrides: str, nproc: int = 1, timeout: float = 60
 def run_group(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     """Run a command in its own process group; on timeout the whole group (torchrun and its ranks) is killed."""
     proc = subprocess.Popen(
-        cmd, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd,
+        env=train_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -108,4 +135,6 @@ def run_group(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
 
 
 def check(proc: subprocess.CompletedProcess, code: int = 0) -> None:
-    assert proc.returncode == code, f"exit {proc.returncode} != {code}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}"
+    assert proc.returncode == code, (
+        f"exit {proc.returncode} != {code}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}"
+    )
