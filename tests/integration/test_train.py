@@ -15,7 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.integration.trainrun import check, run_group, run_train, torchrun_cmd, train_env, write_config
+from tests.integration.trainrun import (
+    check,
+    run_group,
+    run_train,
+    start_group,
+    torchrun_cmd,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -116,14 +123,7 @@ def test_sigkill_and_resume_gives_identical_parameters(tmp_path, bible_data, e5_
     check(run_train(write_config(ref_dir, bible_data, e5_small_model_dir, **sections), nproc=2))
 
     cfg = write_config(kill_dir, bible_data, e5_small_model_dir, **sections)
-    proc = subprocess.Popen(
-        torchrun_cmd(2, "train", "--config", str(cfg)),
-        env=train_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_group(torchrun_cmd(2, "train", "--config", str(cfg)))
     try:
         _wait_for(kill_dir / "run/checkpoints", "step-00000002", 600, proc)
         time.sleep(1.0)  # somewhere in step 3 or 4
@@ -152,14 +152,7 @@ def test_preemption_checkpoints_and_exits_for_requeue(tmp_path, bible_data, e5_s
     cfg = write_config(
         tmp_path, bible_data, e5_small_model_dir, train={"steps": 400, "checkpoint": {"every": 0}}
     )
-    proc = subprocess.Popen(
-        torchrun_cmd(2, "train", "--config", str(cfg)),
-        env=train_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_group(torchrun_cmd(2, "train", "--config", str(cfg)))
     try:
         import psutil
 

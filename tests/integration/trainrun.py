@@ -115,9 +115,9 @@ def run_train(
     return run_group(cmd, timeout)
 
 
-def run_group(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """Run a command in its own process group; on timeout the whole group (torchrun and its ranks) is killed."""
-    proc = subprocess.Popen(
+def start_group(cmd: list[str]) -> subprocess.Popen:
+    """Start a command (e.g. torchrun) in its own process group, so a test can signal or kill all of it."""
+    return subprocess.Popen(
         cmd,
         env=train_env(),
         stdout=subprocess.PIPE,
@@ -125,6 +125,11 @@ def run_group(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
         text=True,
         start_new_session=True,
     )
+
+
+def run_group(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a command in its own process group; on timeout the whole group (torchrun and its ranks) is killed."""
+    proc = start_group(cmd)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
