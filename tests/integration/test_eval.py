@@ -50,23 +50,6 @@ def _collections(root):
 
 
 @pytest.fixture(scope="module")
-def ray_env():
-    """One Ray instance for the module (run_eval joins a running instance instead of starting its own)."""
-    import os
-    import shutil
-    import tempfile
-
-    import ray
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    tmp = tempfile.mkdtemp(prefix="lray", dir="/tmp")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tmp)
-    yield
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
 def eval_run(tmp_path_factory, ray_env):
     root = tmp_path_factory.mktemp("eval")
     texts = _collections(root)

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import tempfile
 
 import numpy as np
 import pytest
@@ -50,18 +48,6 @@ def _corpus(n: int) -> dict[str, dict[str, str]]:
         }
         for i in range(n)
     }
-
-
-@pytest.fixture(scope="module")
-def ray_env():
-    import ray
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    tmp = tempfile.mkdtemp(prefix="lray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tmp)
-    yield
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
