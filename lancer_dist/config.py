@@ -228,6 +228,9 @@ class TrainConfig:
     deepspeed_config: str | None = None
     # Gradient caching: chunk size for the chunked forward/re-forward; 0 = plain step.
     grad_cache_chunk_size: int = 0
+    # Process-group timeout: a collective that waits longer fails the job (with NCCL asynchronous error handling)
+    # instead of hanging it.
+    dist_timeout_s: float = 1800.0
     log_every: int = 10
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -251,6 +254,7 @@ class TrainConfig:
         _check(
             self.grad_cache_chunk_size >= 0, f"{p}.grad_cache_chunk_size", self.grad_cache_chunk_size, ">= 0"
         )
+        _check(self.dist_timeout_s > 0, f"{p}.dist_timeout_s", self.dist_timeout_s, "a number of seconds > 0")
         _check(self.log_every >= 1, f"{p}.log_every", self.log_every, "an integer >= 1")
 
 

@@ -17,6 +17,15 @@ be written so that each rank's backward yields N x its share of the full-batch g
 With the retrieval loss on rank r written as ``N * sum_{i in r} l_i / B_global`` (see
 :func:`lancer_dist.losses.lancer_loss`), averaging over ranks reproduces one process on the concatenated batch
 exactly; ``tests/distributed`` proves it to 1e-10 in float64.
+
+Devices
+-------
+A collective only accepts tensors on a device its process group has a backend for: NCCL has none for CPU tensors
+("No backend type associated with device type cpu"). :func:`collective_device` reads the group's backends and
+returns the device every tensor that this module creates for a collective lives on (the CPU when the group has a CPU
+backend, else the current accelerator device, e.g. ``torch.cuda.current_device()`` under NCCL). Callers hand Python
+numbers (:func:`sum_floats`, :func:`any_flag`, :func:`mean_over_ranks`) or tensors on any device
+(:func:`all_reduce_sum`); nothing outside this module creates a tensor for a collective.
 """
 
 from __future__ import annotations
@@ -37,8 +46,11 @@ __all__ = [
     "all_gather_object",
     "all_reduce_sum",
     "all_reduce_with_grad",
+    "any_flag",
     "barrier",
     "broadcast_object",
+    "collective_device",
+    "device_for_backends",
     "find_free_port",
     "gather_with_grad",
     "get_local_rank",
@@ -47,6 +59,9 @@ __all__ = [
     "init_process_group",
     "is_initialized",
     "is_main_process",
+    "mean_over_ranks",
+    "set_local_device",
+    "sum_floats",
 ]
 
 
@@ -82,6 +97,21 @@ def find_free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def set_local_device() -> torch.device:
+    """Bind this process to its accelerator (``LOCAL_RANK``) BEFORE the process group starts, and make NCCL fail
+    fast instead of hanging: NCCL creates its communicators on the current device (all ranks on GPU 0 otherwise),
+    and with asynchronous error handling a collective that times out aborts the process instead of blocking
+    forever. Returns the device (the CPU on a machine without CUDA)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    local = get_local_rank()
+    if local >= torch.cuda.device_count():
+        raise RuntimeError(f"LOCAL_RANK={local} but this node has {torch.cuda.device_count()} CUDA devices")
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
 def init_process_group(
     backend: str | None = None,
     *,
@@ -92,10 +122,12 @@ def init_process_group(
 ) -> None:
     """Initialise the default process group (gloo on CPU, nccl on GPU) unless already initialised.
 
-    Without arguments it reads the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
+    Without arguments it reads the torchrun environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). The local
+    device is set first (:func:`set_local_device`); ``timeout_s`` bounds every collective.
     """
     if is_initialized():
         return
+    set_local_device()
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     kwargs: dict = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
@@ -108,8 +140,28 @@ def init_process_group(
     dist.init_process_group(**kwargs)
 
 
-def _all_sizes(n: int, device: torch.device) -> list[int]:
-    t = torch.tensor([n], dtype=torch.long, device=device)
+def device_for_backends(backend_config: str, current: torch.device | None = None) -> torch.device:
+    """The device for collective tensors of a group whose backends are ``backend_config`` (torch's
+    ``get_backend_config()`` string, e.g. ``"cpu:gloo,cuda:nccl"``, ``"cuda:nccl"``, ``"cuda:gloo"``): the CPU when
+    a CPU backend exists, else ``current`` (default: the current device of the group's accelerator type)."""
+    types = [part.split(":", 1)[0].strip() for part in backend_config.split(",") if ":" in part]
+    if not types or "cpu" in types:
+        return torch.device("cpu")
+    if current is not None:
+        return current
+    kind = types[0]
+    return torch.device(kind, torch.get_device_module(kind).current_device())
+
+
+def collective_device() -> torch.device:
+    """The device of every tensor this module creates for a collective (see the module docstring)."""
+    if not is_initialized():
+        return torch.device("cpu")
+    return device_for_backends(str(dist.get_backend_config()))
+
+
+def _all_sizes(n: int) -> list[int]:
+    t = torch.tensor([n], dtype=torch.long, device=collective_device())
     out = [torch.zeros_like(t) for _ in range(get_world_size())]
     dist.all_gather(out, t)
     return [int(o.item()) for o in out]
@@ -161,7 +213,7 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     """
     if not is_initialized() or get_world_size() == 1:
         return x, 0
-    sizes = _all_sizes(x.shape[0], x.device)
+    sizes = _all_sizes(x.shape[0])
     offset = sum(sizes[: get_rank()])
     max_n = max(sizes)
     if all(s == max_n for s in sizes):
@@ -180,11 +232,26 @@ def all_reduce_with_grad(x: Tensor) -> Tensor:
 
 
 def all_reduce_sum(x: Tensor) -> Tensor:
-    """Sum a tensor over all ranks without autograd (counts, metrics). Returns a new tensor."""
-    y = x.detach().clone()
+    """Sum a tensor over all ranks without autograd (counts, metrics). Returns a new tensor on ``x``'s device
+    (reduced on :func:`collective_device`)."""
+    if not is_initialized() or get_world_size() == 1:
+        return x.detach().clone()
+    y = x.detach().to(collective_device(), copy=True)
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y.to(x.device)
+
+
+def sum_floats(values: Sequence[float]) -> list[float]:
+    """Sum a few Python numbers over ranks (float64, on the collective device)."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=collective_device())
     if is_initialized() and get_world_size() > 1:
-        dist.all_reduce(y, op=dist.ReduceOp.SUM)
-    return y
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [float(v) for v in t.tolist()]
+
+
+def any_flag(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (e.g. a preemption signal seen by one rank)."""
+    return sum_floats([1.0 if flag else 0.0])[0] > 0
 
 
 def all_gather_object(obj: object) -> list[object]:
@@ -224,7 +291,6 @@ class ProcessGroupCollectives:
         return all_reduce_sum(x)
 
 
-def mean_over_ranks(values: Sequence[float], device: torch.device | None = None) -> list[float]:
+def mean_over_ranks(values: Sequence[float]) -> list[float]:
     """Average a few Python floats over ranks (for logging reduced metrics)."""
-    t = torch.tensor(list(values), dtype=torch.float64, device=device)
-    return (all_reduce_sum(t) / get_world_size()).tolist()
+    return [v / get_world_size() for v in sum_floats(values)]

@@ -176,7 +176,8 @@ def _env_lines(job: SlurmJob, gpu: bool) -> list[str]:
         "export PYTHONUNBUFFERED=1",
     ]
     if gpu:
-        # NCCL: fail fast on a dead peer instead of hanging until the time limit.
+        # NCCL: fail fast on a dead peer instead of hanging until the time limit (a collective that waits longer
+        # than train.dist_timeout_s aborts the job; the trainer also sets this variable if it is missing).
         lines += [
             "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
             "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}",

@@ -97,6 +97,31 @@ class TrainBatch:
     passage_docids: list[str] = field(default_factory=list)
     erasure_keys: list[str] = field(default_factory=list)
 
+    def pin_memory(self) -> TrainBatch:
+        """Page-locked copies of the tensors (what a DataLoader's ``pin_memory`` calls), so that
+        ``to(cuda, non_blocking=True)`` is an asynchronous copy."""
+        import dataclasses
+
+        return dataclasses.replace(self, **{k: getattr(self, k).pin_memory() for k in _BATCH_TENSORS})
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TrainBatch:
+        """The batch with every tensor on ``device`` (the trainer's one place that moves batches)."""
+        import dataclasses
+
+        moved = {k: getattr(self, k).to(device, non_blocking=non_blocking) for k in _BATCH_TENSORS}
+        return dataclasses.replace(self, **moved)
+
+
+_BATCH_TENSORS = (
+    "query_input_ids",
+    "query_attention_mask",
+    "passage_input_ids",
+    "passage_attention_mask",
+    "erasure_input_ids",
+    "erasure_attention_mask",
+    "erasure_languages",
+)
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Sub-streams

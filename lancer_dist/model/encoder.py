@@ -67,13 +67,22 @@ def build_backbone(cfg: ModelConfig, subdir: str | None = None) -> Any:
 
 def _without_unused_pooler(make: Any, pooling: str) -> Any:
     """Build the backbone without its pooler layer unless pooling is 'pooler': parameters that get no gradient
-    would stall data-parallel gradient reduction (DDP buckets) and waste optimizer state."""
+    would stall data-parallel gradient reduction (DDP buckets) and waste optimizer state. Attention is
+    ``torch.nn.functional.scaled_dot_product_attention`` (fused flash / memory-efficient kernels on GPU) where
+    the architecture supports it, else the architecture's own."""
+
+    def build(**kw: Any) -> Any:
+        try:
+            return make(attn_implementation="sdpa", **kw)
+        except (ValueError, ImportError):  # an architecture without an SDPA implementation
+            return make(**kw)
+
     if pooling == "pooler":
-        return make()
+        return build()
     try:
-        return make(add_pooling_layer=False)
+        return build(add_pooling_layer=False)
     except TypeError:  # architectures without a pooler option
-        return make()
+        return build()
 
 
 class BiEncoder(nn.Module):

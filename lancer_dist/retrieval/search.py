@@ -8,7 +8,8 @@ lists is exactly the global top-k. For ``Flat`` indexes this equals brute force 
 
 Index types come from ``faiss.index_factory`` strings (``Flat``, ``IVF256,Flat``, ``HNSW32``, ``PQ16``,
 ``IVF256,PQ16`` ...), built per shard with ``METRIC_INNER_PRODUCT`` and trained on that shard's embeddings. With
-faiss-gpu installed and a GPU visible, indexes are moved to the GPU (``index_cpu_to_all_gpus``).
+faiss-gpu installed and a GPU visible, indexes are moved to the GPU (``index_cpu_to_all_gpus``); without faiss-gpu,
+exact ``Flat`` search on a visible GPU runs :func:`exact_topk_torch` (a torch matmul + top-k, same total order).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "SearchResult",
     "brute_force_topk",
     "build_index",
+    "exact_topk_torch",
     "merge_topk",
     "search_arrays",
     "search_index_exact",
@@ -64,6 +66,66 @@ def brute_force_topk(q_QD: np.ndarray, p_ND: np.ndarray, k: int) -> tuple[np.nda
     scores = np.asarray(q_QD, np.float32) @ np.asarray(p_ND, np.float32).T
     pos = np.broadcast_to(np.arange(p_ND.shape[0], dtype=np.int64), scores.shape)
     return sort_candidates(scores, pos, k)
+
+
+def exact_topk_torch(
+    q_QD: np.ndarray,
+    p_ND: np.ndarray,
+    k: int,
+    offset: int = 0,
+    *,
+    device: Any = None,
+    query_block: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k in the total order (score desc, position asc) with torch, on ``device`` (default:
+    CUDA when visible, else the CPU): the same result as a FAISS ``Flat`` index searched by
+    :func:`search_index_exact`, ties included. Positions are shifted by ``offset``; rows are padded with -inf / -1
+    when ``k`` exceeds the corpus. Device-agnostic, so a CPU test proves the code that runs on the GPU."""
+    import torch
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    Q, n = q_QD.shape[0], p_ND.shape[0]
+    out_s = np.full((Q, k), -np.inf, dtype=np.float32)
+    out_p = np.full((Q, k), -1, dtype=np.int64)
+    k_eff = min(k, n)
+    if k_eff == 0 or Q == 0:
+        return out_s, out_p
+    p = torch.as_tensor(np.ascontiguousarray(p_ND, dtype=np.float32), device=dev)
+    for start in range(0, Q, query_block):
+        q = torch.as_tensor(
+            np.ascontiguousarray(q_QD[start : start + query_block], dtype=np.float32), device=dev
+        )
+        s_BN = q @ p.T
+        vals, idx = s_BN.topk(k_eff, dim=1)  # the k best scores; which of tied documents is unspecified
+        kth = vals[:, -1:]
+        # Rows where more documents tie the k-th score than fit: take the tied ones in position order.
+        straddle = (s_BN >= kth).sum(dim=1) > k_eff
+        for r in torch.nonzero(straddle).flatten().tolist():
+            order = torch.sort(s_BN[r], descending=True, stable=True).indices[:k_eff]
+            idx[r], vals[r] = order, s_BN[r, order]
+        # Within the k, order by score desc then position asc: sort by position, then stably by score.
+        by_pos = torch.sort(idx, dim=1).indices
+        idx, vals = idx.gather(1, by_pos), vals.gather(1, by_pos)
+        by_score = torch.sort(vals, dim=1, descending=True, stable=True).indices
+        idx, vals = idx.gather(1, by_score), vals.gather(1, by_score)
+        rows = slice(start, start + q.shape[0])
+        out_s[rows, :k_eff] = vals.cpu().numpy()
+        out_p[rows, :k_eff] = idx.cpu().numpy() + offset
+    return out_s, out_p
+
+
+def _torch_gpu_flat(factory: str) -> bool:
+    """Exact search on the GPU with torch: a Flat index, a visible GPU, and no faiss-gpu to do it."""
+    if factory != "Flat":
+        return False
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return not _gpu_available()
+    except ImportError:
+        return True
 
 
 def _gpu_available() -> bool:
@@ -144,15 +206,18 @@ def _search_shard(
     transform: Affine | None,
     threads: int,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    import faiss
-
-    if threads > 0:
-        faiss.omp_set_num_threads(threads)
     t0 = time.perf_counter()
     emb, _, _ = EmbeddingStore(store_path).load_shard(shard)
     x = np.asarray(emb, dtype=np.float32)
     if transform is not None:
         x = transform(x)
+    if _torch_gpu_flat(factory):
+        s, p = exact_topk_torch(q_QD, x, k, offset)
+        return s, p, time.perf_counter() - t0
+    import faiss
+
+    if threads > 0:
+        faiss.omp_set_num_threads(threads)
     index = build_index(x, factory)
     s, p = search_index_exact(index, q_QD, k, offset)
     return s, p, time.perf_counter() - t0

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import resource
 import shutil
 import signal
@@ -32,6 +31,12 @@ from torch import Tensor
 from lancer_dist import dist
 from lancer_dist.config import ConfigError, RunConfig, config_to_dict
 from lancer_dist.losses import LossOutput, lancer_loss
+from lancer_dist.train.parallel import (
+    RngState,
+    build_accelerator,
+    check_launch_config,
+    deepspeed_config,
+)
 
 log = logging.getLogger("lancer.train")
 
@@ -42,76 +47,6 @@ TRAINER_STATE = "trainer_state.json"
 # --------------------------------------------------------------------------------------------------------------
 # Set-up helpers
 # --------------------------------------------------------------------------------------------------------------
-
-
-def check_launch_config(cfg: RunConfig) -> None:
-    """Checks that need the environment (not just the config), done before any process group starts."""
-    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("train.precision", "fp16", "fp32 or bf16 on a machine without a GPU")
-    if cfg.train.grad_cache_chunk_size and cfg.train.strategy == "deepspeed":
-        raise ConfigError(
-            "train.grad_cache_chunk_size",
-            cfg.train.grad_cache_chunk_size,
-            "0 with train.strategy=deepspeed (gradient caching is implemented for ddp / one process)",
-        )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.data.retrieval.queries_per_step % world:
-        raise ConfigError(
-            "data.retrieval.queries_per_step",
-            cfg.data.retrieval.queries_per_step,
-            f"a multiple of the world size {world}",
-        )
-    if cfg.train.deepspeed_config and not Path(cfg.train.deepspeed_config).is_file():
-        raise ConfigError(
-            "train.deepspeed_config", cfg.train.deepspeed_config, "an existing DeepSpeed JSON file"
-        )
-
-
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config: the user's JSON (cluster/deepspeed/) or one for ``train.zero_stage``, with the batch
-    sizes, clipping and precision filled in from the run config (so they can never disagree)."""
-    if cfg.train.deepspeed_config:
-        ds: dict[str, Any] = json.loads(Path(cfg.train.deepspeed_config).read_text())
-    else:
-        ds = {"zero_optimization": {"stage": cfg.train.zero_stage}}
-    micro = cfg.data.retrieval.queries_per_step // world_size
-    ds["train_micro_batch_size_per_gpu"] = micro
-    ds["gradient_accumulation_steps"] = 1
-    ds["train_batch_size"] = micro * world_size
-    ds["gradient_clipping"] = cfg.train.max_grad_norm
-    ds["zero_allow_untested_optimizer"] = True  # our torch AdamW: no fused-Adam JIT build on CPU
-    ds["bf16"] = {"enabled": cfg.train.precision == "bf16"}
-    ds["fp16"] = {"enabled": cfg.train.precision == "fp16"}
-    zero = ds.setdefault("zero_optimization", {})
-    if zero.get("stage") == 3:
-        # the final model is gathered from the shards (in the training dtype, despite the option's name)
-        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
-    ds.pop("optimizer", None)
-    ds.pop("scheduler", None)
-    ds.setdefault("steps_per_print", 10**9)
-    return ds
-
-
-def build_accelerator(cfg: RunConfig) -> Any:
-    from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
-
-    cpu = not torch.cuda.is_available()
-    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.train.strategy == "deepspeed"
-    # On CPU the process group is gloo; Accelerate + DeepSpeed also need it said explicitly (else they count one
-    # process and trip over train_batch_size).
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu and multi else []
-    mixed = {"fp32": "no", "fp64": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
-    plugin = None
-    if cfg.train.strategy == "deepspeed":
-        os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
-        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, int(os.environ.get("WORLD_SIZE", "1"))))
-    # cpu=True would make Accelerate ignore DeepSpeed; without a GPU it runs on the CPU anyway.
-    force_cpu = cpu and cfg.train.strategy != "deepspeed"
-    acc = Accelerator(cpu=force_cpu, mixed_precision=mixed, deepspeed_plugin=plugin, kwargs_handlers=handlers)
-    if cfg.train.strategy == "deepspeed" and str(acc.distributed_type) != "DistributedType.DEEPSPEED":
-        raise RuntimeError(f"DeepSpeed was requested but Accelerate set up {acc.distributed_type}")
-    return acc
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -178,8 +113,7 @@ class Preemption:
         self.signal = signum
 
     def requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.signal is not None else 0.0])
-        return bool(dist.all_reduce_sum(flag).item() > 0)
+        return dist.any_flag(self.signal is not None)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -208,11 +142,22 @@ def _chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def _encode_chunk(model: Any, ids: Tensor, mask: Tensor, is_query: bool) -> Tensor:
+    """One chunk of queries or passages through ``model``'s forward (wrapped or not: the same autocast)."""
+    if is_query:
+        q, _, _ = model(query_input_ids=ids, query_attention_mask=mask)
+        return q
+    _, p, _ = model(passage_input_ids=ids, passage_attention_mask=mask)
+    return p
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         check_launch_config(cfg)
         self.cfg = cfg
         self.accelerator = build_accelerator(cfg)
+        # The one device decision: the accelerator's. Batches are moved there in train_step.
+        self.device: torch.device = self.accelerator.device
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         _setup_logging(self.rank)
         self.out_dir = Path(cfg.output_dir)
@@ -283,28 +228,32 @@ class Trainer:
     def _forward_backward_cached(self, b: Any) -> LossOutput:
         """Gradient caching (Gao et al. 2021): embeddings of every chunk without a graph, the loss and its gradient
         w.r.t. the embeddings, then each chunk re-encoded with a graph and back-propagated with the cached
-        gradient. Exact (the RNG state of each chunk is replayed, so dropout masks match); memory is bounded by one
-        chunk's activations whatever the size of the negative pool."""
+        gradient. Exact: each chunk's CPU and accelerator RNG state is replayed, so its dropout masks match, and
+        the first pass runs under the same autocast as the second. Memory is bounded by one chunk's activations
+        whatever the size of the negative pool. Gradients are reduced once, with the last chunk: DDP under
+        ``no_sync`` before it, DeepSpeed (ZeRO 0-2) with its gradient-accumulation boundary off before it."""
         size = self.cfg.train.grad_cache_chunk_size
-        enc = self.accelerator.unwrap_model(self.model)
+        enc = self.accelerator.unwrap_model(self.model)  # keeps Accelerate's autocast + fp32-output wrapper
         inputs = [
             (b.query_input_ids, b.query_attention_mask, True),
             (b.passage_input_ids, b.passage_attention_mask, False),
             (b.erasure_input_ids, b.erasure_attention_mask, False),
         ]
-        rng: list[list[Any]] = []
+        rng: list[list[RngState]] = []
         embs: list[Tensor] = []
         with torch.no_grad():
             for ids, mask, is_q in inputs:
                 states, parts = [], []
                 for sl in _chunks(ids.shape[0], size):
-                    states.append(torch.get_rng_state())
-                    parts.append(enc.encode(ids[sl], mask[sl], is_query=is_q))
+                    states.append(RngState(self.device))
+                    parts.append(_encode_chunk(enc, ids[sl], mask[sl], is_q))
                 rng.append(states)
                 embs.append(
-                    torch.cat(parts) if parts else torch.zeros(0, enc.embedding_dim, dtype=self.loss_dtype)
+                    torch.cat(parts)
+                    if parts
+                    else torch.zeros(0, enc.embedding_dim, dtype=self.loss_dtype, device=self.device)
                 )
-        leaves = [e.detach().requires_grad_(True) for e in embs]
+        leaves = [e.detach().to(self.loss_dtype).requires_grad_(True) for e in embs]
         q_l, p_l, x_l = leaves
         out = self._loss(q_l, p_l, x_l, b.erasure_languages)
         out.loss.backward()
@@ -314,27 +263,31 @@ class Trainer:
             for (ids, mask, is_q), g, states in zip(inputs, grads, rng, strict=True)
             for sl, st in zip(_chunks(ids.shape[0], size), states, strict=True)
         ]
-        after = torch.get_rng_state()
+        after = RngState(self.device)
+        deepspeed = self.cfg.train.strategy == "deepspeed"
         for i, (ids, mask, is_q, g, st) in enumerate(work):
-            torch.set_rng_state(st)
+            st.restore()
             last = i == len(work) - 1
-            ctx = nullcontext() if last else self.accelerator.no_sync(self.model)
+            ctx = nullcontext() if last or deepspeed else self.accelerator.no_sync(self.model)
             with ctx:
-                kw = (
-                    {"query_input_ids": ids, "query_attention_mask": mask}
-                    if is_q
-                    else {"passage_input_ids": ids, "passage_attention_mask": mask}
-                )
-                q, p, _ = self.model(**kw)
-                emb = q if is_q else p
+                emb = _encode_chunk(self.model, ids, mask, is_q)
                 # surrogate whose gradient w.r.t. the parameters is J^T g
-                self.accelerator.backward((emb.to(g.dtype) * g).sum())
-        torch.set_rng_state(after)
+                surrogate = (emb.to(g.dtype) * g).sum()
+                if deepspeed and not last:
+                    # Accumulate without the boundary: no reduction, no engine.step (Accelerate's backward
+                    # would step the engine after every chunk). The last chunk goes through Accelerate: boundary
+                    # on, gradients reduced, engine.step.
+                    self.model.set_gradient_accumulation_boundary(False)
+                    self.model.backward(surrogate)
+                else:
+                    self.accelerator.backward(surrogate)
+        after.restore()
         return out
 
     def train_step(self, b: Any) -> dict[str, float]:
         """One optimizer step on one multi-task batch; returns the globally reduced metrics."""
         t0 = time.perf_counter()
+        b = b.to(self.device, non_blocking=b.query_input_ids.is_pinned())
         self.model.train()
         if self.cfg.train.grad_cache_chunk_size:
             out = self._forward_backward_cached(b)
@@ -345,23 +298,27 @@ class Trainer:
             grad_norm = float(
                 self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm)
             )
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.scheduler.get_last_lr()[0])
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.cfg.train.strategy == "deepspeed":
             gn = getattr(self.model, "get_global_grad_norm", lambda: None)()
             grad_norm = float(gn) if gn is not None else float("nan")
-        dt = time.perf_counter() - t0
+        # Reading the losses waits for the device, so the step time below covers the queued GPU work too.
+        losses = (float(out.total), float(out.retrieval), float(out.erasure))
         tokens = float(
             b.query_attention_mask.sum() + b.passage_attention_mask.sum() + b.erasure_attention_mask.sum()
         )
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
         passages = float(b.passage_input_ids.shape[0] + b.erasure_input_ids.shape[0])
-        tok_g, pas_g = dist.all_reduce_sum(torch.tensor([tokens, passages], dtype=torch.float64)).tolist()
+        tok_g, pas_g = dist.sum_floats([tokens, passages])
         return {
-            "loss/total": float(out.total),
-            "loss/retrieval": float(out.retrieval),
-            "loss/erasure": float(out.erasure),
+            "loss/total": losses[0],
+            "loss/retrieval": losses[1],
+            "loss/erasure": losses[2],
             "lr": lr,
             "grad_norm": grad_norm,
             "passages_per_s": pas_g / dt,
@@ -404,7 +361,9 @@ class Trainer:
         out = []
         for i in range(0, len(texts), 64):
             ids, mask = collator.passages(texts[i : i + 64])
-            _, p, _ = self.model(passage_input_ids=ids, passage_attention_mask=mask)
+            _, p, _ = self.model(
+                passage_input_ids=ids.to(self.device), passage_attention_mask=mask.to(self.device)
+            )
             out.append(p.float().cpu())
         self.model.train(was_training)
         return torch.cat(out).numpy()

@@ -217,3 +217,11 @@ def test_zero_memory_matches_the_zero_paper():
     assert activation_bytes(bb, 3, 16, False) == 3 * activation_bytes(bb, 1, 16, False)
     assert activation_bytes(bb, 1, 16, True) < activation_bytes(bb, 1, 16, False)
     assert table().count("\n") == 10  # header, rule, 9 plans (the table of docs/cluster.md)
+
+
+def test_sbatch_template_and_rendered_script_fail_fast_on_nccl():
+    template = (REPO / "cluster" / "slurm" / "train_multinode.sbatch").read_text()
+    rendered = render_train_script(SlurmJob(config=CFG, nodes=2, gpus_per_node=8, workdir=str(REPO)))
+    for script in (template, rendered):
+        assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in script
+        assert "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}" in script

@@ -100,3 +100,22 @@ def test_save_pretrained_round_trip(tmp_path):
     loaded = BiEncoder.from_config(ModelConfig(name_or_path=str(out), pooling="mean", normalize=True)).eval()
     ids, mask = torch.tensor([[2, 7, 9, 3]]), torch.ones(1, 4, dtype=torch.long)
     assert torch.allclose(model.encode(ids, mask), loaded.encode(ids, mask), atol=1e-6)
+
+
+def test_backbone_uses_sdpa_attention():
+    from lancer_dist.config import ModelConfig
+    from lancer_dist.model import BiEncoder
+
+    cfg = ModelConfig(
+        backbone_config={
+            "model_type": "bert",
+            "vocab_size": 50,
+            "hidden_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+        },
+        tokenizer="unused",
+    )
+    model = BiEncoder.from_config(cfg)
+    assert model.query_backbone.config._attn_implementation == "sdpa"
