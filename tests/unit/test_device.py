@@ -87,3 +87,25 @@ def test_dist_timeout_is_validated():
     cfg.train.dist_timeout_s = 0
     with pytest.raises(ConfigError, match="dist_timeout_s"):
         cfg.train.validate("train")
+
+
+def test_gradient_caching_allowed_under_zero2_refused_under_zero3(tmp_path):
+    import json
+
+    from lancer_dist.train.parallel import check_launch_config
+
+    cfg = RunConfig()
+    cfg.train.grad_cache_chunk_size = 4
+    cfg.train.strategy = "deepspeed"
+    for stage in (0, 1, 2):
+        cfg.train.zero_stage = stage
+        check_launch_config(cfg)
+    cfg.train.zero_stage = 3
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        check_launch_config(cfg)
+    # the stage of a user's DeepSpeed JSON wins over train.zero_stage
+    ds = tmp_path / "zero3.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    cfg.train.zero_stage, cfg.train.deepspeed_config = 2, str(ds)
+    with pytest.raises(ConfigError, match="grad_cache_chunk_size"):
+        check_launch_config(cfg)
