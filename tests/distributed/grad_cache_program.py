@@ -84,9 +84,10 @@ def main(config: str, out: str, sabotage: str = "") -> None:
     for p in ref.parameters():
         if p.grad is not None:
             if cfg.train.strategy == "deepspeed":  # DeepSpeed reduces gradients in float32
-                p.grad = (dist.all_reduce_sum(p.grad.float()) / w).double()
+                p.grad = (dist.all_reduce_sum(p.grad.float()) / w).to(p.dtype)
             else:
                 p.grad = dist.all_reduce_sum(p.grad) / w
+    ref_dtype = next(ref.parameters()).dtype
     if cfg.train.strategy == "deepspeed":
         # DeepSpeed ZeRO keeps fp32 master weights and gradients whatever the model dtype (there is no fp64
         # option): the optimizer steps fp32 copies, which are copied back into the model. Do the same.
@@ -95,7 +96,7 @@ def main(config: str, out: str, sabotage: str = "") -> None:
         for (_, mp), (_, rp) in zip(master.named_parameters(), ref.named_parameters(), strict=True):
             mp.grad = None if rp.grad is None else rp.grad.float()
         build_optimizer(master, cfg).step()
-        ref.load_state_dict({k: v.to(torch.float64) for k, v in master.state_dict().items()})
+        ref.load_state_dict({k: v.to(ref_dtype) for k, v in master.state_dict().items()})
     else:
         build_optimizer(ref, cfg).step()
 
