@@ -239,18 +239,22 @@ class CheckpointManager:
         errors = [str(e) for e in dist.all_gather_object(error) if e]
         if not errors:
             return
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # give the space back
         free = ""
-        try:
-            st = os.statvfs(self.directory)
-            free = f"; {st.f_bavail * st.f_frsize / 2**20:.1f} MiB free on that filesystem"
+        try:  # measured before the partial checkpoint is removed: what the failed write saw
+            st = os.statvfs(tmp if tmp.exists() else self.directory)
+            avail, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+            free = f"; {avail / 2**20:.1f} MiB of {total / 2**20:.1f} MiB free on that filesystem"
+            if avail < max(64 * 2**20, total // 100):
+                free += " (the disk is full)"
         except OSError:
             pass
+        dist.barrier()  # every rank has looked before rank 0 removes the partial checkpoint
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back (MLflow store, logs, the next save)
+        final = tmp.with_name(tmp.name.removesuffix(".tmp"))
         raise CheckpointError(
-            f"cannot write checkpoint {tmp.with_suffix('') if tmp.suffix == '.tmp' else tmp} "
-            f"(being written in {tmp}): {errors[0].splitlines()[0][:500]}{free}. The partial checkpoint was "
-            "removed; earlier checkpoints are intact."
+            f"cannot write checkpoint {final} (being written in {tmp}): {errors[0].splitlines()[0][:500]}"
+            f"{free}. The partial checkpoint was removed; earlier checkpoints are intact."
         )
 
     def _write_part_manifest(self, tmp: Path) -> None:

@@ -161,12 +161,13 @@ class OutputDirLock:
 
     @contextlib.contextmanager
     def _guard(self) -> Any:
-        with open(self.path.with_name(LOCK_NAME + ".guard"), "a") as g:
-            fcntl.flock(g.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(g.fileno(), fcntl.LOCK_UN)
+        # flock on the directory itself: serialises take-overs without creating a file
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
     def release(self) -> None:
         """Remove the lock if this process holds it (a lock taken over by someone else is left alone)."""

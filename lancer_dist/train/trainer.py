@@ -19,6 +19,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -159,18 +160,41 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
+PREEMPT_FILE_ENV = "LANCER_PREEMPT_FILE"
+
+
 class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the trainer checks it (agreed over all ranks) at every step boundary."""
+    """SIGTERM / SIGUSR1 set a flag; the trainer checks it (agreed over all ranks) at every step boundary.
+
+    Under SLURM no signal is needed: the batch script creates the file named by ``$LANCER_PREEMPT_FILE`` (on the
+    shared filesystem) and a thread of every rank, polling it twice a second, sets the same flag. Nothing is sent to
+    the job step, so neither the DataLoader workers nor torchrun (which SIGKILLs its workers 30 s after a SIGTERM)
+    are involved, however long the step and the checkpoint take."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
+        self._stop_watch = threading.Event()
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             self._previous[sig] = signal.signal(sig, self._handle)
+        path = os.environ.get(PREEMPT_FILE_ENV)
+        if path:
+            self._stop_watch.clear()
+            threading.Thread(
+                target=self._watch, args=(Path(path),), name="lancer-preempt-file", daemon=True
+            ).start()
+
+    def _watch(self, path: Path) -> None:
+        while not self._stop_watch.wait(0.5):
+            if path.exists():
+                log.warning("preemption requested (%s exists): checkpointing at the next step boundary", path)
+                self.signal = signal.SIGUSR1
+                return
 
     def uninstall(self) -> None:
+        self._stop_watch.set()
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
         self._previous.clear()
