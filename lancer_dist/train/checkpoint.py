@@ -35,6 +35,7 @@ import logging
 import os
 import pickle
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,10 @@ def _safe_globals() -> list[Any]:
         from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
     # Accelerate's random_states_<rank>.pkl: Python / numpy RNG states
     out: list[Any] = [_reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+    if (
+        "deepspeed" not in sys.modules
+    ):  # not a DeepSpeed run (importing it costs seconds): its types are not needed
+        return out
     try:
         from deepspeed.runtime.fp16.loss_scaler import LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
