@@ -280,7 +280,9 @@ class TrackingConfig:
     """MLflow tracking. The default URI is an embedded sqlite store next to the run outputs."""
 
     enabled: bool = True
-    tracking_uri: str = ""  # "" = sqlite:///<output_dir>/../mlflow.db
+    tracking_uri: str = (
+        ""  # "" = sqlite:///<output_dir>/mlflow.db (training; eval: <eval.output_dir>/../mlflow.db)
+    )
     experiment: str = "lancer"
     run_name: str = ""
     # Seconds between retries of a tracking server that went away; records are buffered meanwhile.

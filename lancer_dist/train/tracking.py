@@ -95,11 +95,13 @@ _PERMANENT_CODES = {
 
 
 def resolve_tracking_uri(tracking_uri: str, run_dir: str | Path) -> str:
-    """``""`` -> ``sqlite:///<abs parent of run_dir>/mlflow.db`` (shared by the runs of one output tree, so
-    ``mlflow ui --backend-store-uri sqlite:///...`` shows them side by side); anything else unchanged."""
+    """``""`` -> ``sqlite:///<abs run_dir>/mlflow.db``: the store lives in the run's output directory, where a user
+    looks for the run's results (``mlflow ui --backend-store-uri sqlite:///<output_dir>/mlflow.db``; artifacts in
+    ``<output_dir>/mlartifacts``); anything else unchanged. Set ``tracking.tracking_uri`` to one store (a server, or
+    a shared sqlite file) to see several runs side by side."""
     if tracking_uri:
         return tracking_uri
-    return "sqlite:///" + str(Path(run_dir).resolve().parent / "mlflow.db")
+    return "sqlite:///" + str(Path(run_dir).resolve() / "mlflow.db")
 
 
 def _artifact_location(tracking_uri: str) -> str | None:
@@ -619,7 +621,7 @@ class Tracker:
     Args:
         cfg: the ``tracking`` section of the run config.
         run_dir: the run's output directory; the spool lives in ``<run_dir>/mlflow_spool`` and the default sqlite
-            store in ``<run_dir>/../mlflow.db``.
+            store in ``<run_dir>/mlflow.db``.
         enabled: overrides ``cfg.enabled``.
         rank: this process's global rank; ``None`` = :func:`lancer_dist.dist.get_rank` (or ``$RANK`` before the
             process group exists).

@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
-import shutil
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -31,16 +32,18 @@ from torch import Tensor
 from lancer_dist import dist
 from lancer_dist.config import ConfigError, RunConfig, config_to_dict
 from lancer_dist.losses import LossOutput, lancer_loss
+from lancer_dist.train.checkpoint import CheckpointManager, Part
+from lancer_dist.train.lock import acquire_for_job
 from lancer_dist.train.parallel import (
     RngState,
     build_accelerator,
     check_launch_config,
     deepspeed_config,
 )
+from lancer_dist.train.run_identity import resume_run_id, run_fingerprint
 
 log = logging.getLogger("lancer.train")
 
-CKPT_PREFIX = "step-"
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -93,18 +96,41 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
+PREEMPT_FILE_ENV = "LANCER_PREEMPT_FILE"
+
+
 class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the trainer checks it (agreed over all ranks) at every step boundary."""
+    """SIGTERM / SIGUSR1 set a flag; the trainer checks it (agreed over all ranks) at every step boundary.
+
+    Under SLURM no signal is needed: the batch script creates the file named by ``$LANCER_PREEMPT_FILE`` (on the
+    shared filesystem) and a thread of every rank, polling it twice a second, sets the same flag. Nothing is sent to
+    the job step, so neither the DataLoader workers nor torchrun (which SIGKILLs its workers 30 s after a SIGTERM)
+    are involved, however long the step and the checkpoint take."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
+        self._stop_watch = threading.Event()
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             self._previous[sig] = signal.signal(sig, self._handle)
+        path = os.environ.get(PREEMPT_FILE_ENV)
+        if path:
+            self._stop_watch.clear()
+            threading.Thread(
+                target=self._watch, args=(Path(path),), name="lancer-preempt-file", daemon=True
+            ).start()
+
+    def _watch(self, path: Path) -> None:
+        while not self._stop_watch.wait(0.5):
+            if path.exists():
+                log.warning("preemption requested (%s exists): checkpointing at the next step boundary", path)
+                self.signal = signal.SIGUSR1
+                return
 
     def uninstall(self) -> None:
+        self._stop_watch.set()
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
         self._previous.clear()
@@ -164,6 +190,17 @@ class Trainer:
         self.ckpt_dir = (
             Path(cfg.train.checkpoint.dir) if cfg.train.checkpoint.dir else self.out_dir / "checkpoints"
         )
+        # One job per output directory: every rank knows whether rank 0 got the lock before anything is written.
+        self.lock = acquire_for_job(self.out_dir, self.rank)
+        try:
+            self._build(cfg)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def _build(self, cfg: RunConfig) -> None:
+        self.fingerprint = run_fingerprint(self.out_dir) if self.rank == 0 else None
         seed_everything(cfg.train.seed)
 
         from lancer_dist.data.stream import TrainStream
@@ -192,6 +229,7 @@ class Trainer:
         from lancer_dist.train.tracking import Tracker
 
         self.tracker = Tracker(cfg.tracking, run_dir=self.out_dir, rank=self.rank)
+        self.checkpoints = self._checkpoint_manager()
 
     # ---- the step ------------------------------------------------------------------------------------------
 
@@ -382,55 +420,58 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------------------------
 
     def _ckpt_path(self, step: int) -> Path:
-        return self.ckpt_dir / f"{CKPT_PREFIX}{step:08d}"
+        return self.checkpoints.path(step)
+
+    def _checkpoint_manager(self) -> CheckpointManager:
+        """Model, optimizer, RNG (Accelerate / DeepSpeed, sharded under ZeRO-3), the data stream position of every
+        rank, and the trainer state (step, scheduler, MLflow run id and the run fingerprint) written by rank 0."""
+        return CheckpointManager(
+            self.ckpt_dir,
+            {
+                "accelerator": Part(
+                    save=lambda d: self.accelerator.save_state(str(d)),
+                    load=lambda d: self.accelerator.load_state(str(d)),
+                ),
+                "stream": Part(save=self._save_stream, load=self._load_stream),
+                "trainer": Part(save=self._save_trainer_state, load=self._load_trainer_state, per_rank=False),
+            },
+            rank=self.rank,
+            world_size=self.world,
+            keep_last=self.cfg.train.checkpoint.keep_last,
+            marker=TRAINER_STATE,
+        )
+
+    def _save_stream(self, d: Path) -> None:
+        (d / f"stream-rank{self.rank:05d}.json").write_text(json.dumps(self.stream.state_dict()))
+
+    def _load_stream(self, d: Path) -> None:
+        self.stream.load_state_dict(json.loads((d / f"stream-rank{self.rank:05d}.json").read_text()))
+
+    def _save_trainer_state(self, d: Path) -> None:
+        state = {
+            "step": self.step,
+            "world_size": self.world,
+            "run_id": self.tracker.run_id,
+            "run_fingerprint": self.fingerprint,
+            "probe_history": self.probe_history,
+            "scheduler": self.scheduler.state_dict(),
+        }
+        (d / TRAINER_STATE).write_text(json.dumps(state))
+
+    def _load_trainer_state(self, d: Path) -> None:
+        state = json.loads((d / TRAINER_STATE).read_text())
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.probe_history = list(state.get("probe_history", []))
 
     def save_checkpoint(self) -> Path:
-        """Model, optimizer, scheduler, RNG (Accelerate / DeepSpeed, sharded under ZeRO-3), the data stream
-        position of every rank, the step and the MLflow run id. Written to a temporary directory and renamed, so
-        a kill mid-save never leaves a checkpoint that looks complete."""
-        final = self._ckpt_path(self.step)
-        tmp = final.with_name(final.name + ".tmp")
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        self.accelerator.save_state(str(tmp))
-        (tmp / f"stream-rank{self.rank:05d}.json").write_text(json.dumps(self.stream.state_dict()))
-        dist.barrier()
-        if self.rank == 0:
-            state = {
-                "step": self.step,
-                "world_size": self.world,
-                "run_id": self.tracker.run_id,
-                "probe_history": self.probe_history,
-                "scheduler": self.scheduler.state_dict(),
-            }
-            (tmp / TRAINER_STATE).write_text(json.dumps(state))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            self._prune_checkpoints()
-        dist.barrier()
-        log.info("checkpoint saved: %s", final)
-        return final
-
-    def _prune_checkpoints(self) -> None:
-        done = sorted(p for p in self.ckpt_dir.glob(f"{CKPT_PREFIX}*") if (p / TRAINER_STATE).is_file())
-        for old in done[: -self.cfg.train.checkpoint.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        """Written to a temporary directory with a manifest (sha256 of every file) and renamed, so a kill mid-save
+        never leaves a checkpoint that looks complete (see :mod:`lancer_dist.train.checkpoint`)."""
+        return self.checkpoints.save(self.step)
 
     def latest_checkpoint(self) -> Path | None:
-        resume = self.cfg.train.checkpoint.resume
-        if resume == "never":
-            return None
-        if resume != "auto":
-            p = Path(resume)
-            if not (p / TRAINER_STATE).is_file():
-                raise ConfigError(
-                    "train.checkpoint.resume", resume, "'auto', 'never' or a complete checkpoint"
-                )
-            return p
-        done = sorted(p for p in self.ckpt_dir.glob(f"{CKPT_PREFIX}*") if (p / TRAINER_STATE).is_file())
-        return done[-1] if done else None
+        """The checkpoint to resume from: verified (every file, sha256), falling back past incomplete ones."""
+        return self.checkpoints.find(self.cfg.train.checkpoint.resume)
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         state = json.loads((path / TRAINER_STATE).read_text())
@@ -440,11 +481,7 @@ class Trainer:
                 str(path),
                 f"a checkpoint written with the same world size (it has {state['world_size']}, now {self.world})",
             )
-        self.accelerator.load_state(str(path))
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.stream.load_state_dict(json.loads((path / f"stream-rank{self.rank:05d}.json").read_text()))
-        self.step = int(state["step"])
-        self.probe_history = list(state.get("probe_history", []))
+        self.checkpoints.load(path, verified=True)
         log.info("resumed from %s at step %d", path, self.step)
         return state
 
@@ -469,12 +506,20 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
+        try:
+            return self._train()
+        finally:
+            if self.lock is not None:  # rank 0: the output directory is free again (also after an error)
+                self.lock.release()
+
+    def _train(self) -> TrainResult:
         cfg = self.cfg
         ckpt = self.latest_checkpoint()
         resume_run = None
         if ckpt is not None:
-            # None when the tracking store was down at the start: the tracker then finds the run by its spool
-            resume_run = self.load_checkpoint(ckpt).get("run_id") or "auto"
+            state = self.load_checkpoint(ckpt)
+            # this directory's own checkpoint continues its MLflow run; a copied one starts a new run
+            resume_run = resume_run_id(state, self.fingerprint, ckpt) if self.rank == 0 else None
         self.tracker.start(
             config_to_dict(cfg), run_name=cfg.tracking.run_name or cfg.name, resume_run_id=resume_run
         )

@@ -1,9 +1,10 @@
 """``lancer submit slurm`` against a real SLURM (slurmctld + 2 emulated slurmd nodes) and a real MLflow server.
 
-One 2-node CPU training job (torchrun per node, gloo, configs/tiny.yaml on the offline Bible data):
+One 2-node CPU training job (torchrun per node, gloo, configs/tiny.yaml on the offline Bible data, two DataLoader
+workers per rank):
 * it is signalled for preemption mid-run the way SLURM does before a time limit (USR1 to the batch shell:
-  ``scancel --signal=USR1 --batch``): the trainer checkpoints and exits 75, the script requeues the job, the job
-  starts again, resumes from the checkpoint (not from step 0) and finishes;
+  ``scancel --signal=USR1 --batch``): the trainer checkpoints at that step (no loader worker dies) and exits 75, the
+  script requeues the job, the job starts again, resumes from that very checkpoint and finishes;
 * it logged to the MLflow server: one run, named after the job id, with every step's loss across the restart;
 * it left checkpoints and a final model;
 * a token in the submitting environment reached neither the sbatch script, the job log nor the MLflow params;
@@ -29,7 +30,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "tok-Zq8x1-not-a-real-token"
-STEPS = 24
+STEPS = 60
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +82,11 @@ def test_two_node_training_preempted_requeued_resumed(
             f"model.tokenizer={e5_small_model_dir}",
             f"data.retrieval.path={bible_data / 'retrieval'}",
             f"data.erasure.path={bible_data / 'erasure'}",
-            f"output_dir={run}",
-            f"train.checkpoint.dir={ckpt}",
+            f"output_dir={run}",  # checkpoints go to <output_dir>/checkpoints by default
             f"train.steps={STEPS}",
+            # DataLoader workers ON: a preemption signal must not kill them (the trainer would die, not checkpoint)
+            "data.num_workers=2",
+            "data.retrieval.queries_per_step=16",  # a slower step than the config's 4 queries
             "train.warmup_steps=1",
             "train.checkpoint.every=4",
             "probe.enabled=false",
@@ -136,9 +139,14 @@ def test_two_node_training_preempted_requeued_resumed(
         assert int(info["Restarts"]) == 1
         assert "lancer: preempted: requeueing" in text
 
-        # Resumed from a checkpoint at or after the one seen before the signal, not from scratch.
+        # The preemption itself wrote a checkpoint (not just the periodic ones) and the requeued job resumed from it.
+        assert "killed by signal" not in text and "DataLoader worker" not in text, text[-4000:]
+        # torchrun was never signalled (its "death signal" shutdown SIGKILLs the ranks 30 s later, whatever they do)
+        assert "death signal" not in text, text[-4000:]
+        preempted = [int(s) for s in re.findall(r"preempted at step (\d+); checkpoint saved", text)]
         resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", text)]
-        assert resumed and resumed[0] >= first_ckpt, text[-4000:]
+        assert preempted and resumed and resumed[0] >= first_ckpt, text[-4000:]
+        assert resumed[0] == preempted[0], (preempted, resumed)
         assert resumed[0] < STEPS, "preempted after the last step: the test did not exercise a resume"
         assert (ckpt / f"step-{STEPS:08d}").is_dir()
         assert (run / "final_model").is_dir()

@@ -364,3 +364,26 @@ def test_collator_matches_the_e5_tokenizer_if_built() -> None:
     ref = _reference_encode(e5, ["passage: " + t for t in texts], 16)
     got = c.passages(texts)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def test_loader_workers_survive_a_preemption_signal(tmp_path: Path, tok: Any) -> None:
+    """SLURM's `scancel --signal` reaches every process of a job step, DataLoader workers included: they must not
+    die of SIGTERM / SIGUSR1 (the trainer would fail with "DataLoader worker is killed" instead of checkpointing)."""
+    import os
+    import signal
+
+    import psutil
+
+    cfg = make_cfg(tmp_path, **{"data.num_workers": 2})
+    full = run_all(cfg, tok, world=1)[0]
+    got = []
+    me = psutil.Process()
+    for b in TrainStream(cfg, tok, rank=0, world_size=1):
+        got.append(b)
+        if b.step == 2:
+            workers = me.children()
+            assert len(workers) == 2, workers
+            for w in workers:
+                os.kill(w.pid, signal.SIGTERM)
+                os.kill(w.pid, signal.SIGUSR1)
+    assert all(same_batch(a, b) for a, b in zip(got, full, strict=True)) and len(got) == len(full)

@@ -37,7 +37,7 @@ def test_default_sqlite_store_contents(tmp_path: Path, monkeypatch: pytest.Monke
     params["db_password"] = "hunter2"  # a secret-named key: must never reach MLflow
     run_dir = tmp_path / "runs" / "a"
     tracker = Tracker(cfg.tracking, run_dir=run_dir, rank=0)
-    assert tracker.tracking_uri == f"sqlite:///{(tmp_path / 'runs' / 'mlflow.db').resolve()}"
+    assert tracker.tracking_uri == f"sqlite:///{(tmp_path / 'runs' / 'a' / 'mlflow.db').resolve()}"
     run_id = tracker.start(params)
     assert run_id is not None and tracker.run_id == run_id
 
@@ -94,7 +94,7 @@ def test_default_sqlite_store_contents(tmp_path: Path, monkeypatch: pytest.Monke
     png = Path(client.download_artifacts(run_id, "probe/curve.png", str(dl))).read_bytes()
     assert png[:4] == b"\x89PNG"
     # Artifacts live next to the database, not under the current directory.
-    assert (tmp_path / "runs" / "mlartifacts").is_dir()
+    assert (tmp_path / "runs" / "a" / "mlartifacts").is_dir()
     assert list((tmp_path / "cwd").iterdir()) == []
     # Delivered: the spool keeps only its state file.
     assert [q.name for q in (run_dir / SPOOL_DIRNAME).iterdir()] == ["state.json"]
@@ -229,6 +229,6 @@ def test_bad_names_and_missing_files_fail_fast(store: str, tmp_path: Path):
 def test_resolve_tracking_uri(tmp_path: Path):
     assert (
         resolve_tracking_uri("", tmp_path / "out" / "run")
-        == f"sqlite:///{(tmp_path / 'out').resolve()}/mlflow.db"
+        == f"sqlite:///{(tmp_path / 'out' / 'run').resolve()}/mlflow.db"
     )
     assert resolve_tracking_uri("http://127.0.0.1:5000", tmp_path) == "http://127.0.0.1:5000"
