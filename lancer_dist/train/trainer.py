@@ -37,6 +37,7 @@ log = logging.getLogger("lancer.train")
 
 CKPT_PREFIX = "step-"
 TRAINER_STATE = "trainer_state.json"
+STREAM_STATE = "stream.json"  # the global data-stream position: one file, the same for every rank
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -54,13 +55,10 @@ def check_launch_config(cfg: RunConfig) -> None:
             cfg.train.grad_cache_chunk_size,
             "0 with train.strategy=deepspeed (gradient caching is implemented for ddp / one process)",
         )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.data.retrieval.queries_per_step % world:
-        raise ConfigError(
-            "data.retrieval.queries_per_step",
-            cfg.data.retrieval.queries_per_step,
-            f"a multiple of the world size {world}",
-        )
+    # the global batch must divide into equal rank slices (data.retrieval.queries_per_step, erasure m x n)
+    from lancer_dist.data.stream import check_world_size
+
+    check_world_size(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.train.deepspeed_config and not Path(cfg.train.deepspeed_config).is_file():
         raise ConfigError(
             "train.deepspeed_config", cfg.train.deepspeed_config, "an existing DeepSpeed JSON file"
@@ -83,6 +81,10 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     ds["bf16"] = {"enabled": cfg.train.precision == "bf16"}
     ds["fp16"] = {"enabled": cfg.train.precision == "fp16"}
     zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") in (1, 2):
+        # ZeRO-1/2 checkpoints that load on another number of ranks (DeepSpeed re-partitions the saved flat
+        # fp32 weights and optimizer state over the new data-parallel size)
+        zero.setdefault("elastic_checkpoint", True)
     if zero.get("stage") == 3:
         # the final model is gathered from the shards (in the training dtype, despite the option's name)
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
@@ -436,7 +438,13 @@ class Trainer:
             tmp.mkdir(parents=True)
         dist.barrier()
         self.accelerator.save_state(str(tmp))
-        (tmp / f"stream-rank{self.rank:05d}.json").write_text(json.dumps(self.stream.state_dict()))
+        stream_state = self.stream.state_dict()
+        # every rank read the same global sequence: their positions must agree (else the slices drifted)
+        positions = dist.all_gather_object(json.dumps([stream_state["next_step"], stream_state["streams"]]))
+        if len(set(positions)) != 1:
+            raise RuntimeError(f"ranks disagree on the global data-stream position: {positions}")
+        if self.rank == 0:
+            (tmp / STREAM_STATE).write_text(json.dumps(stream_state))
         dist.barrier()
         if self.rank == 0:
             state = {
@@ -475,19 +483,42 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         state = json.loads((path / TRAINER_STATE).read_text())
-        if state["world_size"] != self.world:
+        if not (path / STREAM_STATE).is_file():
             raise ConfigError(
                 "train.checkpoint.resume",
                 str(path),
-                f"a checkpoint written with the same world size (it has {state['world_size']}, now {self.world})",
+                f"a checkpoint with a global {STREAM_STATE} (this one predates world-size-invariant streams)",
             )
+        if state["world_size"] != self.world:
+            self._check_reshardable(path, state["world_size"])
+            log.info("resuming a %d-rank checkpoint on %d ranks", state["world_size"], self.world)
         self.accelerator.load_state(str(path))
         self.scheduler.load_state_dict(state["scheduler"])
-        self.stream.load_state_dict(json.loads((path / f"stream-rank{self.rank:05d}.json").read_text()))
+        self.stream.load_state_dict(json.loads((path / STREAM_STATE).read_text()))
         self.step = int(state["step"])
         self.probe_history = list(state.get("probe_history", []))
         log.info("resumed from %s at step %d", path, self.step)
         return state
+
+    def _check_reshardable(self, path: Path, saved_world: int) -> None:
+        """A checkpoint of another world size loads when its model and optimizer state can be re-partitioned:
+        DDP / one process save the full state; ZeRO-1/2 with ``elastic_checkpoint`` (set by
+        :func:`deepspeed_config`) save partitions that DeepSpeed re-splits; ZeRO-3 shards are refused."""
+        if self.cfg.train.strategy != "deepspeed":
+            return
+        ds_cfg = deepspeed_config(self.cfg, self.world)["zero_optimization"]
+        stage, elastic = int(ds_cfg.get("stage", 0)), bool(ds_cfg.get("elastic_checkpoint"))
+        if stage == 3 or (stage in (1, 2) and not elastic):
+            raise ConfigError(
+                "train.checkpoint.resume",
+                str(path),
+                f"a checkpoint written with the same world size ({saved_world}, now {self.world}): ZeRO-{stage} "
+                + (
+                    "parameter shards cannot be re-partitioned by this trainer"
+                    if stage == 3
+                    else "needs zero_optimization.elastic_checkpoint: true"
+                ),
+            )
 
     # ---- final model ---------------------------------------------------------------------------------------
 
