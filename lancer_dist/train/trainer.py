@@ -81,10 +81,6 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     ds["bf16"] = {"enabled": cfg.train.precision == "bf16"}
     ds["fp16"] = {"enabled": cfg.train.precision == "fp16"}
     zero = ds.setdefault("zero_optimization", {})
-    if zero.get("stage") in (1, 2):
-        # ZeRO-1/2 checkpoints that load on another number of ranks (DeepSpeed re-partitions the saved flat
-        # fp32 weights and optimizer state over the new data-parallel size)
-        zero.setdefault("elastic_checkpoint", True)
     if zero.get("stage") == 3:
         # the final model is gathered from the shards (in the training dtype, despite the option's name)
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
@@ -489,10 +485,13 @@ class Trainer:
                 str(path),
                 f"a checkpoint with a global {STREAM_STATE} (this one predates world-size-invariant streams)",
             )
+        if state["world_size"] != self.world and self.cfg.train.strategy == "deepspeed":
+            self._load_zero_resharded(path, state["world_size"])
+        else:
+            # DDP / one process: Accelerate saved the full model and optimizer state; any world size loads it
+            self.accelerator.load_state(str(path))
         if state["world_size"] != self.world:
-            self._check_reshardable(path, state["world_size"])
             log.info("resuming a %d-rank checkpoint on %d ranks", state["world_size"], self.world)
-        self.accelerator.load_state(str(path))
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(json.loads((path / STREAM_STATE).read_text()))
         self.step = int(state["step"])
@@ -500,25 +499,57 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
         return state
 
-    def _check_reshardable(self, path: Path, saved_world: int) -> None:
-        """A checkpoint of another world size loads when its model and optimizer state can be re-partitioned:
-        DDP / one process save the full state; ZeRO-1/2 with ``elastic_checkpoint`` (set by
-        :func:`deepspeed_config`) save partitions that DeepSpeed re-splits; ZeRO-3 shards are refused."""
-        if self.cfg.train.strategy != "deepspeed":
-            return
-        ds_cfg = deepspeed_config(self.cfg, self.world)["zero_optimization"]
-        stage, elastic = int(ds_cfg.get("stage", 0)), bool(ds_cfg.get("elastic_checkpoint"))
-        if stage == 3 or (stage in (1, 2) and not elastic):
+    def _load_zero_resharded(self, path: Path, saved_world: int) -> None:
+        """A ZeRO-1/2 checkpoint of another world size: DeepSpeed refuses to re-partition its optimizer state
+        directly, so rank 0 converts it to DeepSpeed's universal checkpoint (``ds_to_universal``: one file per
+        parameter for the fp32 weights and each Adam moment, cached next to the checkpoint) and every rank loads
+        its new partition from that (``load_universal``). RNG states are not restored (one per old rank)."""
+        zero = deepspeed_config(self.cfg, self.world)["zero_optimization"]
+        stage = int(zero.get("stage", 0))
+        if stage not in (1, 2) or zero.get("elastic_checkpoint"):
             raise ConfigError(
                 "train.checkpoint.resume",
                 str(path),
-                f"a checkpoint written with the same world size ({saved_world}, now {self.world}): ZeRO-{stage} "
+                f"a checkpoint written with the same world size ({saved_world}, now {self.world}): "
                 + (
-                    "parameter shards cannot be re-partitioned by this trainer"
-                    if stage == 3
-                    else "needs zero_optimization.elastic_checkpoint: true"
+                    f"ZeRO-{stage} parameter shards are not re-partitioned by this trainer"
+                    if stage not in (1, 2)
+                    else "an elastic_checkpoint cannot be converted to a universal checkpoint"
                 ),
             )
+        universal = path / "universal"
+        if self.rank == 0 and not (universal / "pytorch_model" / "zero").is_dir():
+            from argparse import Namespace
+
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            tmp = path / "universal.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            ds_to_universal(
+                Namespace(
+                    input_folder=str(path / "pytorch_model"),
+                    output_folder=str(tmp / "pytorch_model"),
+                    num_extract_workers=1,
+                    num_merge_workers=1,
+                    keep_temp_folder=False,
+                    strict=True,
+                    # Accelerate does not store Megatron's universal_checkpoint_info; DeepSpeed fills the default
+                    inject_missing_state=True,
+                )
+            )
+            shutil.rmtree(universal, ignore_errors=True)
+            tmp.rename(universal)
+        dist.barrier()
+        engine_cfg = self.model._config
+        engine_cfg.load_universal_checkpoint = True
+        try:
+            load_path, _ = self.model.load_checkpoint(
+                str(universal), tag="pytorch_model", load_lr_scheduler_states=False
+            )
+        finally:
+            engine_cfg.load_universal_checkpoint = False
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal}")
 
     # ---- final model ---------------------------------------------------------------------------------------
 

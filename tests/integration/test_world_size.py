@@ -1,7 +1,8 @@
 """The same run on any number of ranks, through the CLI (``lancer train`` / ``torchrun -m lancer_dist.cli train``)
 on configs/tiny.yaml in float64: 1 process, 2 ranks and 3 ranks, with ``data.num_workers`` 0 and 2, end with the
 same weights; a 2-rank run killed (SIGKILL) after its step-2 checkpoint resumes on 1 rank and on 3 ranks to the
-weights of the uninterrupted run. DDP and ZeRO-2.
+weights of the uninterrupted run. DDP (float64: 1e-10) and ZeRO-2 (float32 master weights: 1e-6; the resume goes
+through DeepSpeed's universal checkpoint).
 
 Global batch: 6 queries (groups of 2) and 3 passages of each of 4 languages per step (1, 2 and 3 divide both)."""
 
@@ -23,7 +24,10 @@ from tests.integration.trainrun import REPO, check, run_group, start_group, torc
 pytestmark = pytest.mark.slow
 
 STEPS = 4
-TOL = 1e-10
+# DDP: float64 end to end. ZeRO-2: DeepSpeed keeps its master weights and Adam moments in float32 whatever the
+# model dtype, so runs whose gradient sums differ in rounding (another world size) agree to float32 precision only
+# (measured: 4.6e-7); a world-size-dependent global batch moves the weights by ~1e-3 (issue #17).
+TOL = {"ddp": 1e-10, "deepspeed": 1e-6}
 
 
 def _overrides(out: Path, bible: Path, workers: int, strategy: str, *extra: str) -> list[str]:
@@ -125,7 +129,7 @@ def test_same_weights_on_1_2_3_ranks_and_resume_on_another_world_size(
     print(
         f"{strategy}: max |param diff| vs {ref_name}: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
     )
-    assert all(v <= TOL for v in diffs.values()), diffs
+    assert all(v <= TOL[strategy] for v in diffs.values()), diffs
     # the runs really trained: 4 logged steps, and the weights moved away from the step-2 checkpoint
     hist = json.loads((tmp_path / ref_name / "history.json").read_text())
     assert [h["step"] for h in hist] == [1.0, 2.0, 3.0, 4.0]
