@@ -93,10 +93,12 @@ def main() -> int:
         it = iter(stream)
         first = next(it)
         t1 = time.perf_counter()
+        c1 = time.process_time()
         n = 0
         for _ in it:
             n += 1
         t2 = time.perf_counter()
+        c2 = time.process_time()
         # resume mid-run from the state after step steps//2 (replays the current epoch of each sub-stream)
         half = TrainStream(cfg, tok, rank=0, world_size=world, num_steps=args.steps // 2)
         for _ in half:
@@ -111,6 +113,9 @@ def main() -> int:
             "num_workers": workers,
             "first_batch_s": round(t1 - t0, 3),
             "batches_per_s": round(n / (t2 - t1), 1),
+            # CPU time of this process per batch: robust to other jobs on a shared machine, but it counts the
+            # whole loader only with num_workers 0 (the workers' CPU time is not in it)
+            "cpu_ms_per_batch": round(1000 * (c2 - c1) / n, 2) if workers == 0 else None,
             "resume_first_batch_s": round(t4 - t3, 3),
             "erasure_shape": list(first.erasure_input_ids.shape),
             "query_shape": list(first.query_input_ids.shape),
