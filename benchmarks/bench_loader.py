@@ -5,7 +5,10 @@ lengths 64 (queries) / 128 (passages), one rank, on the offline Bible shards and
 (250k pieces) from ``${LANCER_CACHE}``. Reports, per ``num_workers``: time to the first batch (worker start-up, shard
 reads), steady-state batches/s after it, and the time to resume mid-epoch from a state_dict (epoch replay).
 
-    python benchmarks/bench_loader.py [--steps 200] [--workers 0 1 2] [--data DIR] [--tokenizer DIR]
+    python benchmarks/bench_loader.py [--steps 200] [--workers 0 1 2] [--world-sizes 1 2] [--data DIR] [--tokenizer DIR]
+
+With ``--world-sizes``, the stream of rank 0 of a W-rank run is measured (per-rank throughput; its batches hold
+1/W of each global step).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def main() -> int:
     ap.add_argument("--tokenizer", default=str(cache_dir() / "models" / "multilingual-e5-small"))
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--world-sizes", type=int, nargs="+", default=[1])
     ap.add_argument("--languages", type=int, default=16)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
@@ -65,7 +69,7 @@ def main() -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "runs": [],
     }
-    for workers in args.workers:
+    for world, workers in [(w, k) for w in args.world_sizes for k in args.workers]:
         overrides = {
             "model.name_or_path": "unused",
             "model.query_prefix": "query: ",
@@ -84,28 +88,34 @@ def main() -> int:
             "train.warmup_steps": 0,
         }
         cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
-        stream = TrainStream(cfg, tok, rank=0, world_size=1)
+        stream = TrainStream(cfg, tok, rank=0, world_size=world)
         t0 = time.perf_counter()
         it = iter(stream)
         first = next(it)
         t1 = time.perf_counter()
+        c1 = time.process_time()
         n = 0
         for _ in it:
             n += 1
         t2 = time.perf_counter()
+        c2 = time.process_time()
         # resume mid-run from the state after step steps//2 (replays the current epoch of each sub-stream)
-        half = TrainStream(cfg, tok, rank=0, world_size=1, num_steps=args.steps // 2)
+        half = TrainStream(cfg, tok, rank=0, world_size=world, num_steps=args.steps // 2)
         for _ in half:
             pass
-        resumed = TrainStream(cfg, tok, rank=0, world_size=1)
+        resumed = TrainStream(cfg, tok, rank=0, world_size=world)
         resumed.load_state_dict(half.state_dict())
         t3 = time.perf_counter()
         next(iter(resumed))
         t4 = time.perf_counter()
         run = {
+            "world_size": world,
             "num_workers": workers,
             "first_batch_s": round(t1 - t0, 3),
             "batches_per_s": round(n / (t2 - t1), 1),
+            # CPU time of this process per batch: robust to other jobs on a shared machine, but it counts the
+            # whole loader only with num_workers 0 (the workers' CPU time is not in it)
+            "cpu_ms_per_batch": round(1000 * (c2 - c1) / n, 2) if workers == 0 else None,
             "resume_first_batch_s": round(t4 - t3, 3),
             "erasure_shape": list(first.erasure_input_ids.shape),
             "query_shape": list(first.query_input_ids.shape),

@@ -213,6 +213,12 @@ def _program(job: SlurmJob, verb: str) -> list[str]:
 def render_train_script(job: SlurmJob, run_name: str | None = None) -> str:
     """The sbatch script for the training step (see the module docstring for what it does)."""
     job.validate()
+    if job.module_args is None:
+        # the global batch must split into equal slices over nodes x processes: refuse before sbatch, naming the field
+        from lancer_dist.config import load_config
+        from lancer_dist.data.stream import check_world_size
+
+        check_world_size(load_config(_abs(job, job.config), job.overrides), job.nodes * job.nprocs)
     gpu = job.gpus_per_node > 0
     log_dir = _abs(job, job.log_dir)
     extra = []

@@ -1,32 +1,41 @@
-"""Training streams over webdataset shards: exact language balance, whole retrieval groups, exact resume.
+"""Training streams over webdataset shards: global batches independent of the world size, exact language balance,
+whole retrieval groups, exact resume on any number of ranks and workers.
 
-What one training step holds (all ranks together)
--------------------------------------------------
-* Erasure passages: exactly ``m = data.erasure.passages_per_language`` passages of each of the ``n`` languages.
-  The ``m * n`` global slots are laid out language-interleaved (slot ``j`` has language ``j % n``) and rank ``r`` takes
-  the contiguous block ``[r * m*n/W, (r+1) * m*n/W)`` (:func:`erasure_layout`), so every rank holds an equal share
-  and, when ``n`` divides the share, every rank holds every language equally often.
-* Retrieval groups: ``data.retrieval.queries_per_step / W`` whole groups per rank; each group is 1 positive and
-  ``G - 1`` negatives drawn (seeded by the group key and the epoch) from the negatives stored in the shard.
+What one training step holds (all ranks together): a function of the seed, the shards and the step alone
+------------------------------------------------------------------------------------------------------------
+Each language (and the retrieval data) is one *global sub-stream*: an infinite, deterministic record sequence (per
+epoch: the shards permuted with a seed shared by everyone, read in that order, mixed by a seeded shuffle buffer that
+is flushed at the epoch end; epochs follow each other, reshuffled). Global step ``t`` takes the next
+``m = data.erasure.passages_per_language`` records of every language sub-stream and the next
+``Q = data.retrieval.queries_per_step`` groups of the retrieval sub-stream, so the sequence of global batches does
+not depend on the world size ``W`` or on ``data.num_workers`` (Megatron-LM's samplers do the same).
 
-Where the records come from
----------------------------
-Each language (and the retrieval data) is an independent *sub-stream*, partitioned among ``slots`` = (rank, worker
-role) pairs that use it. Worker role ``k`` of ``K = max(1, num_workers)`` produces the steps ``t = k (mod K)``; the
-DataLoader hands batches out round-robin, so batches arrive in step order. In each epoch a sub-stream's shards are
-permuted (seeded by the epoch, the same on every slot); with at least as many shards as slots, slot ``i`` reads the
-shards ``order[i::S]`` (split by node and worker); with fewer shards (a small language), every slot reads every shard
-and keeps the records at positions ``= i (mod S)``. Records then pass a seeded shuffle buffer that is flushed at the
-epoch end. Every slot's sub-stream is an infinite, deterministic function of (seed, epoch, slot): several epochs
-simply follow each other, reshuffled.
+* Erasure passages: the ``m * n`` global slots are laid out language-interleaved (slot ``j`` holds occurrence
+  ``j // n`` of language ``j % n``) and rank ``r`` takes the contiguous block ``[r * m*n/W, (r+1) * m*n/W)``
+  (:func:`erasure_layout`): exactly ``m`` passages per language per global step, an equal share per rank.
+* Retrieval groups: rank ``r`` takes groups ``[r * Q/W, (r+1) * Q/W)`` of the step, whole; each group is 1 positive
+  and ``G - 1`` negatives drawn (seeded by the group key and the epoch) from the negatives stored in the shard.
+* Concatenating the ranks' slices in rank order gives the one-process batch (tested for 1, 2 and 3 ranks, 0 and 2
+  workers), so with the global-batch losses N ranks train exactly like one process.
 
-Why resume is exact
--------------------
-A sub-stream's position is ``(epoch, records consumed in the epoch)``; a role's state is the positions of its
-sub-streams after its last batch the trainer consumed, plus its skip counters. Restoring replays the epoch from its
-start (deterministic; no tokenisation) and drops what was consumed. The main process records the state attached to
-each batch it hands out, so :meth:`TrainStream.state_dict` describes exactly the batches consumed, never the ones
-the workers prefetched. Without a state, ``start_step=s`` replays from step 0 (slower, same result).
+Who reads what
+--------------
+Every (rank, loader worker) reads the global sequences itself and keeps its slice: worker ``k`` of
+``K = max(1, num_workers)`` builds the steps ``t = k (mod K)`` (the DataLoader hands batches out round-robin, so they
+arrive in step order); it walks over the other steps without tokenising. Reading (parsing tar members) is repeated
+by every reader, tokenisation (the costly part) is not: each rank tokenises only its slice. Memory is bounded by
+one shard plus the shuffle buffer per sub-stream and reader.
+
+Why resume is exact, on any world size
+--------------------------------------
+A sub-stream's position is ``(epoch, records consumed in the epoch)``. After global step ``t`` every reader of
+every rank has consumed exactly the same records, so the state after step ``t`` (the step count, every
+sub-stream's position and the skip counters) is *global*: one file, the same on every rank. Restoring replays each
+sub-stream's epoch from its start (deterministic; no tokenisation) and drops what was consumed; any number of ranks
+and workers then re-slice the following steps. The main process records the state attached to each batch it hands
+out, so :meth:`TrainStream.state_dict` describes exactly the batches consumed, never the ones the workers
+prefetched. Without a state, ``start_step=s`` replays from step 0 (slower, same result). Skip counters count each
+bad record once per epoch for the whole run (every reader sees the same sequence), not once per rank.
 
 Webdataset supplies the tar format, writing and member parsing (:mod:`lancer_dist.data.shards`); its pipeline
 (``WebDataset(...).shuffle().with_epoch()``) is not used for the order because its shuffle and split state cannot be
@@ -54,9 +63,9 @@ from lancer_dist.data.collate import Collator, passage_text
 from lancer_dist.data.errors import DataError, SkipCounter
 from lancer_dist.data.shards import Manifest, ShardInfo, check_group, check_passage, load_shard, read_manifest
 
-__all__ = ["StreamPlan", "SubStream", "TrainBatch", "TrainStream", "erasure_layout"]
+__all__ = ["StreamPlan", "SubStream", "TrainBatch", "TrainStream", "check_world_size", "erasure_layout"]
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 
 
 def _seed(*parts: Any) -> int:
@@ -142,8 +151,13 @@ class _SubSpec:
 class SubStream:
     """One slot's infinite, deterministic record sequence of one sub-stream (see the module docstring).
 
+    The training stream reads the global sequence (slot 0 of 1) in every reader. With ``num_slots`` S > 1 the
+    epoch's records are partitioned among S slots (by shard when there are enough shards, else by record stride);
+    that partition is kept for readers that want a disjoint share of one epoch and is tested, not used by
+    :class:`TrainStream`.
+
     Bad records raise :class:`DataError`, or with ``skip_bad`` are counted in ``counter``. Each bad record or shard
-    is counted by exactly one slot per epoch, so the counters summed over ranks and workers are exact.
+    is counted by exactly one slot per epoch.
     """
 
     def __init__(
@@ -316,12 +330,14 @@ class SubStream:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The plan (picklable; sent to DataLoader workers) and one worker role's producer
+# The plan (picklable; sent to DataLoader workers) and the global-step reader
 # --------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class StreamPlan:
+    """What defines the global batches (seed, languages, per-step counts, shards) plus which slice is this rank's."""
+
     rank: int
     world_size: int
     num_roles: int
@@ -329,13 +345,31 @@ class StreamPlan:
     shuffle_buffer: int
     skip_bad: bool
     group_size: int
-    queries_per_rank: int
+    queries_per_step: int  # Q: retrieval groups per global step (0 without retrieval data)
+    per_language: int  # m: erasure passages per language per global step
     languages: list[str]
-    layout: list[int]  # [M_r] language index per erasure slot of this rank
-    users: dict[str, list[int]]  # language -> ranks whose layout uses it
     erasure: Manifest | None
     retrieval: Manifest | None
-    collator: Collator
+    collator: Collator | None
+
+    @property
+    def erasure_slots(self) -> range:
+        """This rank's global erasure slots (slot ``j`` holds occurrence ``j // n`` of language ``j % n``)."""
+        if self.erasure is None:
+            return range(0)
+        share = len(self.languages) * self.per_language // self.world_size
+        return range(self.rank * share, (self.rank + 1) * share)
+
+    @property
+    def query_slots(self) -> range:
+        """This rank's positions among the ``Q`` groups of a global step."""
+        q = self.queries_per_step // self.world_size
+        return range(self.rank * q, (self.rank + 1) * q)
+
+    @property
+    def layout(self) -> list[int]:
+        n = len(self.languages)
+        return [j % n for j in self.erasure_slots]
 
     def erasure_spec(self, lang: str) -> _SubSpec:
         assert self.erasure is not None
@@ -350,33 +384,30 @@ class StreamPlan:
         return _SubSpec(f"erasure/{lang}", self.erasure, tuple(shards), lang, owner, configured)
 
 
-class _RoleProducer:
-    """Builds the batches of worker role ``role``: steps ``role, role + K, role + 2K, ...`` of this rank."""
+class _GlobalReader:
+    """Reads the global sequence of every sub-stream, step after step, and keeps this rank's slice of the steps
+    it is asked to build. Its position after step ``t`` is the same in every rank and worker: the global state."""
 
-    def __init__(self, plan: StreamPlan, role: int) -> None:
+    def __init__(self, plan: StreamPlan) -> None:
         self.plan = plan
-        self.role = role
-        K, W = plan.num_roles, plan.world_size
         self.counter = SkipCounter()
         self.subs: dict[str, SubStream] = {}
         common = {"seed": plan.seed, "shuffle_buffer": plan.shuffle_buffer, "skip_bad": plan.skip_bad}
         if plan.erasure is not None:
-            for lang in sorted({plan.languages[i] for i in plan.layout}):
-                users = plan.users[lang]
-                slot = users.index(plan.rank) * K + role
+            for lang in plan.languages:
                 spec = plan.erasure_spec(lang)
-                self.subs[spec.name] = SubStream(spec, slot, len(users) * K, counter=self.counter, **common)  # type: ignore[arg-type]
-        if plan.retrieval is not None and plan.queries_per_rank:
+                self.subs[spec.name] = SubStream(spec, 0, 1, counter=self.counter, **common)  # type: ignore[arg-type]
+        if plan.retrieval is not None and plan.queries_per_step:
             spec = _SubSpec("retrieval", plan.retrieval, tuple(plan.retrieval.shards), None)
             self.subs["retrieval"] = SubStream(
                 spec,
-                plan.rank * K + role,
-                W * K,
+                0,
+                1,
                 counter=self.counter,
                 group_size=plan.group_size,
                 **common,  # type: ignore[arg-type]
             )
-        self.next_step = role
+        self.next_step = 0
 
     def state(self) -> dict[str, Any]:
         return {
@@ -397,17 +428,30 @@ class _RoleProducer:
         self.next_step = int(st["next_step"])
 
     def _group(self, key: str, rec: dict[str, Any], epoch: int) -> list[dict[str, Any]]:
-        # Seeded by the group and the epoch: the choice does not depend on which slot reads the group, and a new
+        # Seeded by the group and the epoch: the choice does not depend on which rank reads the group, and a new
         # epoch draws new negatives (as Tevatron does).
         rng = random.Random(_seed(self.plan.seed, "group", key, epoch))
         pos = rec["positives"][rng.randrange(len(rec["positives"]))]
         negs = rng.sample(rec["negatives"], self.plan.group_size - 1)
         return [pos, *negs]
 
-    def _raw(self, step: int, materialise: bool) -> dict[str, Any] | None:
+    def _raw(self, step: int, materialise: bool) -> dict[str, Any]:
+        """Consume global step ``step`` from every sub-stream; return this rank's slice (texts only if
+        ``materialise``)."""
         if step != self.next_step:
-            raise RuntimeError(f"role {self.role} asked for step {step}, its next step is {self.next_step}")
+            raise RuntimeError(f"reader asked for step {step}, its next step is {self.next_step}")
         plan = self.plan
+        n, m = len(plan.languages), plan.per_language
+        mine = plan.erasure_slots
+        e_rows: dict[int, tuple[str, str]] = {}
+        if plan.erasure is not None:
+            for lang_id, lang in enumerate(plan.languages):
+                sub = self.subs[f"erasure/{lang}"]
+                for occ in range(m):
+                    key, rec, _ = sub.next()
+                    j = occ * n + lang_id
+                    if j in mine:
+                        e_rows[j] = (key, rec["text"])
         out: dict[str, Any] = {
             "e_keys": [],
             "e_texts": [],
@@ -416,30 +460,33 @@ class _RoleProducer:
             "p_ids": [],
             "p_texts": [],
         }
-        for lang_id in plan.layout:
-            key, rec, _ = self.subs[f"erasure/{plan.languages[lang_id]}"].next()
-            out["e_keys"].append(key)
-            out["e_texts"].append(rec["text"])
-        for _ in range(plan.queries_per_rank if "retrieval" in self.subs else 0):
-            key, rec, epoch = self.subs["retrieval"].next()
-            out["q_keys"].append(key)
-            if materialise:
-                out["q_texts"].append(rec["query"])
-                for p in self._group(key, rec, epoch):
-                    out["p_ids"].append(p["docid"])
-                    out["p_texts"].append(passage_text(p))
-        self.next_step += self.plan.num_roles
-        return out if materialise else None
+        for j in mine:
+            out["e_keys"].append(e_rows[j][0])
+            out["e_texts"].append(e_rows[j][1])
+        if "retrieval" in self.subs:
+            qs = plan.query_slots
+            for i in range(plan.queries_per_step):
+                key, rec, epoch = self.subs["retrieval"].next()
+                if i not in qs:
+                    continue
+                out["q_keys"].append(key)
+                if materialise:
+                    out["q_texts"].append(rec["query"])
+                    for p in self._group(key, rec, epoch):
+                        out["p_ids"].append(p["docid"])
+                        out["p_texts"].append(passage_text(p))
+        self.next_step += 1
+        return out
 
     def skip_to(self, step: int) -> None:
-        """Consume (without tokenising) this role's steps before ``step``."""
+        """Consume (without tokenising) the global steps before ``step``."""
         while self.next_step < step:
             self._raw(self.next_step, materialise=False)
 
     def batch(self, step: int) -> TrainBatch:
         raw = self._raw(step, materialise=True)
-        assert raw is not None
         c = self.plan.collator
+        assert c is not None
         q_ids, q_mask = c.queries(raw["q_texts"])
         p_ids, p_mask = c.passages(raw["p_texts"])
         e_ids, e_mask = c.passages(raw["e_texts"])
@@ -459,33 +506,31 @@ class _RoleProducer:
 
 
 class _StepDataset(IterableDataset):
-    """Worker ``i`` of ``K`` produces steps ``start + i, start + i + K, ...`` below ``end`` (the DataLoader's round
-    robin order), acting as role ``(start + i) % K``; yields ``(batch, role, role_state_after_batch)``."""
+    """Worker ``i`` of ``K`` builds steps ``start + i, start + i + K, ...`` below ``end`` (the DataLoader's round
+    robin order); yields ``(batch, global_state_after_batch)``. Every worker reads the same global sequence, so
+    the number of workers changes who builds a step, never what it holds."""
 
-    def __init__(
-        self, plan: StreamPlan, start: int, end: int, role_states: dict[int, dict[str, Any]]
-    ) -> None:
-        self.plan, self.start, self.end, self.role_states = plan, start, end, role_states
+    def __init__(self, plan: StreamPlan, start: int, end: int, state: dict[str, Any] | None) -> None:
+        self.plan, self.start, self.end, self.state = plan, start, end, state
 
-    def __iter__(self) -> Iterator[tuple[TrainBatch, int, dict[str, Any]]]:
+    def __iter__(self) -> Iterator[tuple[TrainBatch, dict[str, Any]]]:
         info = get_worker_info()
         K = self.plan.num_roles
         i = info.id if info is not None else 0
         if info is not None and info.num_workers != K:
             raise RuntimeError(f"stream planned for {K} workers, DataLoader has {info.num_workers}")
         first = self.start + i
-        role = first % K
-        prod = _RoleProducer(self.plan, role)
-        st = self.role_states.get(role)
-        if st is not None:
-            prod.restore(st)
-            if prod.next_step > first:
-                raise ValueError(
-                    f"stream state of worker role {role} is at step {prod.next_step}, after {first}"
-                )
-        prod.skip_to(first)
+        if first >= self.end:
+            return
+        reader = _GlobalReader(self.plan)
+        if self.state is not None:
+            reader.restore(self.state)
+            if reader.next_step > first:
+                raise ValueError(f"stream state is at step {reader.next_step}, after {first}")
+        reader.skip_to(first)
         for step in range(first, self.end, K):
-            yield prod.batch(step), role, prod.state()
+            reader.skip_to(step)
+            yield reader.batch(step), reader.state()
 
 
 def _ignore_preemption_signals(worker_id: int) -> None:
@@ -524,13 +569,32 @@ def _load(path: str, kind: str, fld: str) -> Manifest:
     return m
 
 
+def check_world_size(cfg: RunConfig, world_size: int) -> None:
+    """The settings that must divide among ``world_size`` ranks for the global batch to be independent of it.
+
+    Raises a :class:`ConfigError` naming the field; cheap (reads at most the erasure manifest), so launchers and
+    ``lancer train`` call it before any process group starts."""
+    d = cfg.data
+    if d.retrieval.path and d.retrieval.queries_per_step % world_size:
+        raise ConfigError(
+            "data.retrieval.queries_per_step",
+            d.retrieval.queries_per_step,
+            f"a multiple of the world size {world_size} (each rank takes an equal slice of the global batch)",
+        )
+    if d.erasure.path:
+        n = len(d.erasure.languages) or len(_load(d.erasure.path, "passages", "data.erasure.path").languages)
+        erasure_layout(n, d.erasure.passages_per_language, world_size, 0)
+
+
 class TrainStream:
     """Iterable over this rank's :class:`TrainBatch` for steps ``start_step .. num_steps - 1`` (default
     ``cfg.train.steps``). Iterating again continues where the consumed batches ended.
 
-    ``state_dict()`` captures the position per worker role after the last batch handed out (JSON-serialisable);
-    a new stream with ``load_state_dict(sd)`` yields exactly the batches an uninterrupted run yields next. Resuming
-    needs the same shards, world size, rank and ``data.num_workers``.
+    Global step ``t`` is a function of the data settings, the seed and ``t`` only; rank ``r`` of ``W`` takes a
+    fixed slice of it, and ``data.num_workers`` only decides which process builds it. ``state_dict()`` is the
+    global position after the last batch handed out (JSON-serialisable, identical on every rank); a new stream
+    with ``load_state_dict(sd)`` yields exactly the batches an uninterrupted run yields next, on any world size
+    and number of workers.
     """
 
     def __init__(
@@ -554,17 +618,15 @@ class TrainStream:
             raise ValueError(f"start_step {start_step} not in [0, {self.end}]")
         self._start_given = start_step
         self._next_step = start_step
-        self._role_states: dict[int, dict[str, Any]] = {}
+        self._state: dict[str, Any] | None = None  # global state after the last batch handed out (or loaded)
 
         erasure = _load(d.erasure.path, "passages", "data.erasure.path") if d.erasure.path else None
         retrieval = _load(d.retrieval.path, "groups", "data.retrieval.path") if d.retrieval.path else None
         if erasure is None and retrieval is None:
             raise ConfigError("data", "", "data.erasure.path and/or data.retrieval.path")
-        K = max(1, d.num_workers)
+        check_world_size(cfg, world_size)
 
         languages: list[str] = []
-        layout: list[int] = []
-        users: dict[str, list[int]] = {}
         if erasure is not None:
             languages = list(d.erasure.languages) or erasure.languages
             unknown = [x for x in languages if not erasure.totals.get(x)]
@@ -574,35 +636,9 @@ class TrainStream:
                     d.erasure.languages,
                     f"languages present in {d.erasure.path} ({', '.join(erasure.languages)}); unknown: {unknown}",
                 )
-            m = d.erasure.passages_per_language
-            layouts = [erasure_layout(len(languages), m, world_size, r) for r in range(world_size)]
-            layout = layouts[rank]
-            for lang_id, lang in enumerate(languages):
-                users[lang] = [r for r in range(world_size) if lang_id in layouts[r]]
-                slots = len(users[lang]) * K
-                if erasure.totals[lang] < slots:
-                    raise ConfigError(
-                        "data.erasure.path",
-                        d.erasure.path,
-                        f"at least {slots} '{lang}' passages (one per rank x worker reading it); "
-                        f"the manifest has {erasure.totals[lang]}",
-                    )
 
-        queries_per_rank = 0
         G = d.retrieval.group_size
         if retrieval is not None:
-            Q = d.retrieval.queries_per_step
-            if Q % world_size:
-                raise ConfigError(
-                    "data.retrieval.queries_per_step", Q, f"a multiple of the world size {world_size}"
-                )
-            queries_per_rank = Q // world_size
-            if retrieval.num_records < world_size * K:
-                raise ConfigError(
-                    "data.retrieval.path",
-                    d.retrieval.path,
-                    f"at least {world_size * K} groups (ranks x workers); the manifest has {retrieval.num_records}",
-                )
             # Fail before training when a shard is known to hold too small a group (unless skipping).
             short = [s for s in retrieval.shards if s.min_negatives is not None and s.min_negatives < G - 1]
             if short and not d.skip_bad_records:
@@ -620,20 +656,28 @@ class TrainStream:
         self._plan = StreamPlan(
             rank=rank,
             world_size=world_size,
-            num_roles=K,
+            num_roles=max(1, d.num_workers),
             seed=d.seed,
             shuffle_buffer=d.shuffle_buffer,
             skip_bad=d.skip_bad_records,
             group_size=G,
-            queries_per_rank=queries_per_rank,
+            queries_per_step=d.retrieval.queries_per_step if retrieval is not None else 0,
+            per_language=d.erasure.passages_per_language,
             languages=languages,
-            layout=layout,
-            users=users,
             erasure=erasure,
             retrieval=retrieval,
             collator=Collator.from_config(cfg.model, tokenizer),
         )
-        self._fingerprint = {"erasure": _fingerprint(erasure), "retrieval": _fingerprint(retrieval)}
+        # Everything that defines the sequence of global batches: a state only resumes a stream that agrees.
+        self._defines = {
+            "fingerprint": {"erasure": _fingerprint(erasure), "retrieval": _fingerprint(retrieval)},
+            "data.seed": d.seed,
+            "data.shuffle_buffer": d.shuffle_buffer,
+            "data.erasure.languages": languages,
+            "data.erasure.passages_per_language": d.erasure.passages_per_language if erasure else 0,
+            "data.retrieval.queries_per_step": self._plan.queries_per_step,
+            "data.retrieval.group_size": G if retrieval is not None else 0,
+        }
 
     @property
     def next_step(self) -> int:
@@ -641,14 +685,11 @@ class TrainStream:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Skipped records / shards of this rank so far, by reason (summed over the worker roles)."""
-        total: Counter[str] = Counter()
-        for st in self._role_states.values():
-            total.update(st["stats"])
-        return dict(sorted(total.items()))
+        """Skipped records / shards of the whole run (all ranks) up to the last step handed out, by reason."""
+        return dict(sorted(self._global_state()["stats"].items()))
 
     def __iter__(self) -> Iterator[TrainBatch]:
-        ds = _StepDataset(self._plan, self._next_step, self.end, dict(self._role_states))
+        ds = _StepDataset(self._plan, self._next_step, self.end, self._state)
         source: Any
         if self.num_workers == 0:
             source = iter(ds)
@@ -666,36 +707,49 @@ class TrainStream:
                 multiprocessing_context=ctx,
                 worker_init_fn=_ignore_preemption_signals,
             )
-        for batch, role, st in source:
+        for batch, st in source:
             if batch.step != self._next_step:
                 raise RuntimeError(f"stream produced step {batch.step}, expected {self._next_step}")
-            self._role_states[role] = st
+            self._state = st
             self._next_step += 1
             yield batch
 
+    def _global_state(self) -> dict[str, Any]:
+        if self._state is not None and self._state["next_step"] == self._next_step:
+            return self._state
+        # nothing handed out yet: the position before step next_step (replayed; no tokenising)
+        reader = _GlobalReader(self._plan)
+        if self._state is not None:
+            reader.restore(self._state)
+        reader.skip_to(self._next_step)
+        self._state = reader.state()
+        return self._state
+
     def state_dict(self) -> dict[str, Any]:
+        st = self._global_state()
         return {
             "format": STATE_FORMAT,
             "next_step": self._next_step,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "num_roles": self._plan.num_roles,
-            "fingerprint": dict(self._fingerprint),
-            "roles": {str(k): v for k, v in sorted(self._role_states.items())},
+            "defines": json.loads(json.dumps(self._defines)),
+            "streams": st["streams"],
+            "stats": st["stats"],
+            # informational only: a state resumes on any world size and number of workers
+            "written_by": {"world_size": self.world_size, "num_workers": self.num_workers},
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        want = {
-            "format": STATE_FORMAT,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "num_roles": self._plan.num_roles,
-            "fingerprint": self._fingerprint,
-        }
-        for k, v in want.items():
-            if sd.get(k) != v:
-                hint = " (data.num_workers must not change across a resume)" if k == "num_roles" else ""
-                raise ValueError(f"stream state field '{k}' is {sd.get(k)!r}, this stream has {v!r}{hint}")
+        if sd.get("format") != STATE_FORMAT:
+            raise ValueError(
+                f"stream state format {sd.get('format')!r}, this version reads {STATE_FORMAT} "
+                "(format 1 was per rank, written before global batches)"
+            )
+        defines = json.loads(json.dumps(self._defines))
+        for k, v in defines.items():
+            if sd["defines"].get(k) != v:
+                raise ValueError(
+                    f"stream state field '{k}' is {sd['defines'].get(k)!r}, this stream has {v!r}: "
+                    "it changes the global batches, so the run cannot resume with it"
+                )
         nxt = int(sd["next_step"])
         if self._start_given not in (0, nxt):
             raise ValueError(
@@ -704,4 +758,4 @@ class TrainStream:
         if nxt > self.end:
             raise ValueError(f"stream state is at step {nxt}, past num_steps {self.end}")
         self._next_step = nxt
-        self._role_states = {int(k): v for k, v in sd["roles"].items()}
+        self._state = {"next_step": nxt, "streams": sd["streams"], "stats": sd["stats"]}

@@ -66,13 +66,10 @@ def check_launch_config(cfg: RunConfig) -> None:
             "partitions the parameters and re-gathers them in every forward, and the chunk replay is not shown "
             "exact there; use zero_stage 2, or model.gradient_checkpointing under ZeRO-3)",
         )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.data.retrieval.queries_per_step % world:
-        raise ConfigError(
-            "data.retrieval.queries_per_step",
-            cfg.data.retrieval.queries_per_step,
-            f"a multiple of the world size {world}",
-        )
+    # the global batch must divide into equal rank slices (data.retrieval.queries_per_step, erasure m x n)
+    from lancer_dist.data.stream import check_world_size
+
+    check_world_size(cfg, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import signal
 import sys
 import threading
@@ -45,6 +46,7 @@ from lancer_dist.train.run_identity import resume_run_id, run_fingerprint
 log = logging.getLogger("lancer.train")
 
 TRAINER_STATE = "trainer_state.json"
+STREAM_STATE = "stream.json"  # the global data-stream position: one file, the same for every rank
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -430,7 +432,7 @@ class Trainer:
             {
                 "accelerator": Part(
                     save=lambda d: self.accelerator.save_state(str(d)),
-                    load=lambda d: self.accelerator.load_state(str(d)),
+                    load=self._load_model_state,
                 ),
                 "stream": Part(save=self._save_stream, load=self._load_stream),
                 "trainer": Part(save=self._save_trainer_state, load=self._load_trainer_state, per_rank=False),
@@ -441,11 +443,25 @@ class Trainer:
             marker=TRAINER_STATE,
         )
 
+    def _load_model_state(self, d: Path) -> None:
+        saved_world = int(json.loads((d / TRAINER_STATE).read_text())["world_size"])
+        if saved_world != self.world and self.cfg.train.strategy == "deepspeed":
+            self._load_zero_resharded(d, saved_world)
+        else:
+            # DDP / one process: Accelerate saved the full model and optimizer state; any world size loads it
+            self.accelerator.load_state(str(d))
+
     def _save_stream(self, d: Path) -> None:
-        (d / f"stream-rank{self.rank:05d}.json").write_text(json.dumps(self.stream.state_dict()))
+        stream_state = self.stream.state_dict()
+        # every rank read the same global sequence: their positions must agree (else the slices drifted)
+        positions = dist.all_gather_object(json.dumps([stream_state["next_step"], stream_state["streams"]]))
+        if len(set(positions)) != 1:
+            raise RuntimeError(f"ranks disagree on the global data-stream position: {positions}")
+        if self.rank == 0:
+            (d / STREAM_STATE).write_text(json.dumps(stream_state))
 
     def _load_stream(self, d: Path) -> None:
-        self.stream.load_state_dict(json.loads((d / f"stream-rank{self.rank:05d}.json").read_text()))
+        self.stream.load_state_dict(json.loads((d / STREAM_STATE).read_text()))
 
     def _save_trainer_state(self, d: Path) -> None:
         state = {
@@ -475,15 +491,69 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         state = json.loads((path / TRAINER_STATE).read_text())
-        if state["world_size"] != self.world:
+        if not (path / STREAM_STATE).is_file():
             raise ConfigError(
                 "train.checkpoint.resume",
                 str(path),
-                f"a checkpoint written with the same world size (it has {state['world_size']}, now {self.world})",
+                f"a checkpoint with a global {STREAM_STATE} (this one predates world-size-invariant streams)",
             )
+        if state["world_size"] != self.world:
+            log.info("resuming a %d-rank checkpoint on %d ranks", state["world_size"], self.world)
         self.checkpoints.load(path, verified=True)
         log.info("resumed from %s at step %d", path, self.step)
         return state
+
+    def _load_zero_resharded(self, path: Path, saved_world: int) -> None:
+        """A ZeRO-1/2 checkpoint of another world size: DeepSpeed refuses to re-partition its optimizer state
+        directly, so rank 0 converts it to DeepSpeed's universal checkpoint (``ds_to_universal``: one file per
+        parameter for the fp32 weights and each Adam moment, cached next to the checkpoint) and every rank loads
+        its new partition from that (``load_universal``). RNG states are not restored (one per old rank)."""
+        zero = deepspeed_config(self.cfg, self.world)["zero_optimization"]
+        stage = int(zero.get("stage", 0))
+        if stage not in (1, 2) or zero.get("elastic_checkpoint"):
+            raise ConfigError(
+                "train.checkpoint.resume",
+                str(path),
+                f"a checkpoint written with the same world size ({saved_world}, now {self.world}): "
+                + (
+                    f"ZeRO-{stage} parameter shards are not re-partitioned by this trainer"
+                    if stage not in (1, 2)
+                    else "an elastic_checkpoint cannot be converted to a universal checkpoint"
+                ),
+            )
+        universal = path / "universal"
+        if self.rank == 0 and not (universal / "pytorch_model" / "zero").is_dir():
+            from argparse import Namespace
+
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            tmp = path / "universal.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            ds_to_universal(
+                Namespace(
+                    input_folder=str(path / "pytorch_model"),
+                    output_folder=str(tmp / "pytorch_model"),
+                    num_extract_workers=1,
+                    num_merge_workers=1,
+                    keep_temp_folder=False,
+                    strict=True,
+                    # Accelerate does not store Megatron's universal_checkpoint_info; DeepSpeed fills the default
+                    inject_missing_state=True,
+                )
+            )
+            shutil.rmtree(universal, ignore_errors=True)
+            tmp.rename(universal)
+        dist.barrier()
+        engine_cfg = self.model._config
+        engine_cfg.load_universal_checkpoint = True
+        try:
+            load_path, _ = self.model.load_checkpoint(
+                str(universal), tag="pytorch_model", load_lr_scheduler_states=False
+            )
+        finally:
+            engine_cfg.load_universal_checkpoint = False
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal}")
 
     # ---- final model ---------------------------------------------------------------------------------------
 

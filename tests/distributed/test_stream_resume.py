@@ -1,6 +1,7 @@
 """Two real processes (gloo on 127.0.0.1), each with 2 DataLoader workers: every global step holds exactly m
-passages per language across the ranks, queries are disjoint across ranks, and a stream resumed from a checkpointed
-state_dict yields exactly the uninterrupted batches."""
+passages per language across the ranks and is the one-process step (same keys, same order), queries are disjoint
+across ranks, every rank's state is the same global state, and a stream resumed from that one state file yields
+exactly the uninterrupted batches."""
 
 from __future__ import annotations
 
@@ -34,8 +35,10 @@ def _rank_fn(rank: int, world_size: int, root: str) -> dict[str, Any]:
     for _ in range(CUT + 1):
         next(it)
     del it
-    ckpt = Path(root) / f"stream_state_rank{rank}.json"
-    ckpt.write_text(json.dumps(first.state_dict()))
+    ckpt = Path(root) / "stream.json"
+    states = dist.all_gather_object(json.dumps(first.state_dict()))
+    if rank == 0:
+        ckpt.write_text(json.dumps(first.state_dict()))  # one global file, as the trainer writes it
     dist.barrier()
     resumed = TrainStream(cfg, tok, rank=rank, world_size=world_size, start_step=CUT + 1)
     resumed.load_state_dict(json.loads(ckpt.read_text()))
@@ -46,6 +49,7 @@ def _rank_fn(rank: int, world_size: int, root: str) -> dict[str, Any]:
         "resumed_steps": [b.step for b in rest],
         "same": same,
         "languages": resumed.languages,
+        "states_equal": len(set(states)) == 1,
     }
 
 
@@ -54,7 +58,14 @@ def test_two_ranks_two_workers_exact_balance_and_resume(tmp_path: Path) -> None:
 
     make_cfg(tmp_path)  # writes the shards once, before the ranks start
     results = run_distributed(_rank_fn, 2, tmp_path, str(tmp_path), timeout_s=240)
+    from lancer_dist.data.stream import TrainStream
+    from tests.unit.test_stream import make_tokenizer
+
+    one = list(
+        TrainStream(make_cfg(tmp_path, **{"train.steps": STEPS}), make_tokenizer(), rank=0, world_size=1)
+    )
     for res in results:
+        assert res["states_equal"]
         assert res["resumed_steps"] == list(range(CUT + 1, STEPS))
         assert all(res["same"]) and len(res["same"]) == STEPS - CUT - 1
     gathered = results[0]["gathered"]
@@ -68,3 +79,5 @@ def test_two_ranks_two_workers_exact_balance_and_resume(tmp_path: Path) -> None:
         assert len({len(e) for _, e, _ in per_rank}) == 1
         queries = [q for _, _, qs in per_rank for q in qs]
         assert len(queries) == 4 == len(set(queries))
+        # the 2-rank step is the one-process step, sliced
+        assert keys == one[step].erasure_keys and queries == one[step].query_keys

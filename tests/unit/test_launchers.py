@@ -54,8 +54,32 @@ def test_cpu_multinode_script(tmp_path: Path):
     assert '"tracking.run_name=tiny-$SLURM_JOB_ID"' in script  # same name after a requeue (same job id)
 
 
+@pytest.mark.parametrize(
+    ("nodes", "overrides", "field"),
+    [
+        (3, [], "data.retrieval.queries_per_step"),  # tiny: 4 queries per step over 3 ranks
+        (
+            2,
+            ["data.erasure.passages_per_language=1", "data.erasure.languages=[en,fr,de]"],
+            "passages_per_language",
+        ),
+    ],
+)
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_before_sbatch(
+    nodes: int, overrides: list[str], field: str
+) -> None:
+    from lancer_dist.config import ConfigError
+
+    job = SlurmJob(config=CFG, nodes=nodes, overrides=overrides, workdir=str(REPO))
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        render_train_script(job)
+    render_train_script(SlurmJob(config=CFG, nodes=2, workdir=str(REPO)))  # 4 queries, 2 x 4 passages: fine
+
+
 def test_gpu_script_uses_nccl_env_and_one_rank_per_gpu(tmp_path: Path):
-    job = SlurmJob(config=CFG, nodes=4, gpus_per_node=8, cpus_per_task=64, workdir=str(REPO))
+    # 32 ranks: the global batch must split into 32 equal slices (see the next test)
+    big = ["data.retrieval.queries_per_step=64", "data.erasure.passages_per_language=8"]
+    job = SlurmJob(config=CFG, nodes=4, gpus_per_node=8, cpus_per_task=64, workdir=str(REPO), overrides=big)
     script = render_train_script(job)
     _bash_syntax_ok(script, tmp_path)
     opts = _sbatch_options(script)

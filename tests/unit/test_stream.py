@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,14 @@ import torch
 from lancer_dist.config import ConfigError, RunConfig, load_config
 from lancer_dist.data.errors import SkipCounter
 from lancer_dist.data.shards import ShardWriter, read_manifest
-from lancer_dist.data.stream import StreamPlan, SubStream, TrainBatch, TrainStream, erasure_layout
+from lancer_dist.data.stream import (
+    StreamPlan,
+    SubStream,
+    TrainBatch,
+    TrainStream,
+    check_world_size,
+    erasure_layout,
+)
 
 LANGS = {
     "en": 13,
@@ -214,7 +222,21 @@ def _substreams(
 
         spec = _SubSpec("retrieval", m, tuple(m.shards), None)
     else:
-        plan = StreamPlan(0, 1, 1, 0, 0, skip, 1, 0, sorted(m.totals), [], {}, m, None, None)  # type: ignore[arg-type]
+        plan = StreamPlan(
+            rank=0,
+            world_size=1,
+            num_roles=1,
+            seed=0,
+            shuffle_buffer=0,
+            skip_bad=skip,
+            group_size=1,
+            queries_per_step=0,
+            per_language=1,
+            languages=sorted(m.totals),
+            erasure=m,
+            retrieval=None,
+            collator=None,
+        )
         spec = plan.erasure_spec(lang)
     del cfg
     return [
@@ -296,17 +318,101 @@ def test_iterating_again_continues_and_state_checks(tmp_path: Path, tok: Any) ->
     got += list(st)
     assert all(same_batch(a, b) for a, b in zip(got, full, strict=True))
     sd = st.state_dict()
-    other = TrainStream(make_cfg(tmp_path, **{"data.num_workers": 1}), tok, rank=0, world_size=1)
-    with pytest.raises(ValueError, match="num_workers"):
-        other.load_state_dict(sd)
-    with pytest.raises(ValueError, match="world_size"):
-        TrainStream(cfg, tok, rank=0, world_size=2).load_state_dict(sd)
+    # settings that define the global batches must agree; the error names the field
+    for field, value in [
+        ("data.seed", 5),
+        ("data.erasure.passages_per_language", 1),
+        ("data.shuffle_buffer", 2),
+    ]:
+        other = TrainStream(make_cfg(tmp_path, **{field: value}), tok, rank=0, world_size=1)
+        with pytest.raises(ValueError, match=re.escape(field)):
+            other.load_state_dict(sd)
+    with pytest.raises(ValueError, match="format"):
+        other.load_state_dict({**sd, "format": 1})
+
+
+def _unpadded(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+
+
+def _global_view(batches: list[TrainBatch]) -> dict[str, Any]:
+    """One global step from its per-rank slices, concatenated in rank order (padding removed: each rank pads to
+    its own longest row)."""
+    cat: dict[str, Any] = {"erasure_keys": [], "query_keys": [], "passage_docids": [], "langs": []}
+    for f in ("query", "passage", "erasure"):
+        cat[f] = []
+    for b in batches:
+        cat["erasure_keys"] += b.erasure_keys
+        cat["query_keys"] += b.query_keys
+        cat["passage_docids"] += b.passage_docids
+        cat["langs"] += b.erasure_languages.tolist()
+        for f in ("query", "passage", "erasure"):
+            cat[f] += _unpadded(getattr(b, f + "_input_ids"), getattr(b, f + "_attention_mask"))
+    return cat
+
+
+WORLD_CFG = {
+    "data.erasure.passages_per_language": 3,
+    "data.retrieval.queries_per_step": 6,
+}  # 12 and 6: 1, 2, 3 divide
+
+
+@pytest.mark.parametrize(("world", "workers"), [(2, 0), (3, 2), (1, 2)])
+def test_global_batch_is_independent_of_world_size_and_workers(
+    tmp_path: Path, tok: Any, world: int, workers: int
+) -> None:
+    """Step t over all ranks, for any world size and number of workers, is the one-process step t."""
+    ref = run_all(make_cfg(tmp_path, **WORLD_CFG), tok, world=1)[0]
+    ranks = run_all(make_cfg(tmp_path, **WORLD_CFG, **{"data.num_workers": workers}), tok, world=world)
+    for t in range(12):
+        one = _global_view([ref[t]])
+        assert _global_view([ranks[r][t] for r in range(world)]) == one
+        assert Counter(one["langs"]) == dict.fromkeys(range(4), 3)  # exactly m = 3 per language
+        assert len(set(one["query_keys"])) == 6
+        assert all(len({len(ranks[r][t].erasure_keys) for r in range(world)}) == 1 for _ in [0])
+    # the data are really consumed (epochs roll: 12 steps x 3 'fr' passages > 7 'fr' records)
+    fr = [k for b in ref for k in b.erasure_keys if k.startswith("fr")]
+    assert set(fr) == {f"fr-{i:03d}" for i in range(7)}
+
+
+def test_resume_on_another_world_size_and_workers(tmp_path: Path, tok: Any) -> None:
+    """A state saved by rank 0 of 2 ranks x 2 workers after step 4 resumes on 1 rank and on 3 ranks (0 or 2
+    workers) to exactly the slices of the uninterrupted run; every rank's state is the same global state."""
+    cfg2 = make_cfg(tmp_path, **WORLD_CFG, **{"data.num_workers": 2})
+    full = run_all(make_cfg(tmp_path, **WORLD_CFG), tok, world=1)[0]
+    states = []
+    for r in range(2):
+        st = TrainStream(cfg2, tok, rank=r, world_size=2)
+        it = iter(st)
+        for _ in range(5):  # steps 0..4
+            next(it)
+        del it
+        states.append(json.loads(json.dumps(st.state_dict())))
+    assert states[0]["next_step"] == 5
+    assert {k: v for k, v in states[0].items() if k != "written_by"} == {
+        k: v for k, v in states[1].items() if k != "written_by"
+    }
+    for world, workers in [(1, 0), (3, 2), (3, 0)]:
+        cfg = make_cfg(tmp_path, **WORLD_CFG, **{"data.num_workers": workers})
+        parts = []
+        for r in range(world):
+            resumed = TrainStream(cfg, tok, rank=r, world_size=world)
+            resumed.load_state_dict(states[0])
+            parts.append(list(resumed))
+        assert [b.step for b in parts[0]] == list(range(5, 12))
+        for i, t in enumerate(range(5, 12)):
+            assert _global_view([parts[r][i] for r in range(world)]) == _global_view([full[t]]), (world, t)
 
 
 def test_config_errors(tmp_path: Path, tok: Any) -> None:
-    cfg = make_cfg(tmp_path, **{"data.erasure.passages_per_language": 3})
-    with pytest.raises(ConfigError, match="divisible by the world size 8"):
+    cfg = make_cfg(
+        tmp_path, **{"data.erasure.passages_per_language": 3, "data.retrieval.queries_per_step": 8}
+    )
+    with pytest.raises(ConfigError, match=r"passages_per_language.*divisible by the world size 8"):
         TrainStream(cfg, tok, rank=0, world_size=8)
+    with pytest.raises(ConfigError, match=r"passages_per_language.*divisible by the world size 8"):
+        check_world_size(cfg, 8)  # the launch-time check (no stream built)
+    check_world_size(cfg, 4)
     cfg = make_cfg(tmp_path, **{"data.erasure.languages": ["en", "xx"]})
     with pytest.raises(ConfigError, match=r"data.erasure.languages.*unknown: \['xx'\]"):
         TrainStream(cfg, tok, rank=0, world_size=1)

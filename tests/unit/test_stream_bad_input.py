@@ -105,10 +105,15 @@ def test_bad_erasure_input_is_skipped_counted_and_balance_holds(tmp_path: Path, 
         assert Counter(k.split("-")[0] for k in b.erasure_keys) == dict.fromkeys(LANGS, 2)
         assert "en-005" not in b.erasure_keys or case in ("truncated_tar", "count_mismatch")
     # without shuffling the defect is met once at the start of each of the 'en' stream's epochs
-    epochs = st.state_dict()["roles"]["0"]["streams"]["erasure/en"]["epoch"] + 1
+    epochs = st.state_dict()["streams"]["erasure/en"]["epoch"] + 1
     level = counter.split(".")[0]
     assert st.stats == {counter: epochs, level: epochs}
     assert epochs >= 2
+    # the counters are those of the global stream: every rank of a 2-rank run reports the same whole-run counts
+    for r in range(2):
+        other = TrainStream(cfg, tok, rank=r, world_size=2)
+        list(other)
+        assert other.stats == st.stats
 
 
 def test_each_bad_record_is_counted_by_exactly_one_slot(tmp_path: Path) -> None:
@@ -124,7 +129,21 @@ def test_each_bad_record_is_counted_by_exactly_one_slot(tmp_path: Path) -> None:
     from lancer_dist.data.stream import StreamPlan
 
     m = read_manifest(root)
-    plan = StreamPlan(0, 1, 1, 0, 0, True, 1, 0, sorted(m.totals), [], {}, m, None, None)  # type: ignore[arg-type]
+    plan = StreamPlan(
+        rank=0,
+        world_size=1,
+        num_roles=1,
+        seed=0,
+        shuffle_buffer=0,
+        skip_bad=True,
+        group_size=1,
+        queries_per_step=0,
+        per_language=1,
+        languages=sorted(m.totals),
+        erasure=m,
+        retrieval=None,
+        collator=None,
+    )
     for S in (1, 2, 4, 5, 9):
         total: Counter[str] = Counter()
         keys: list[str] = []
@@ -183,5 +202,5 @@ def test_skipped_small_groups_are_counted(tmp_path: Path, tok: Any) -> None:
     st = TrainStream(cfg, tok, rank=0, world_size=1)
     batches = list(st)
     assert all("q000" not in b.query_keys and len(b.passage_docids) == 16 for b in batches)
-    epochs = st.state_dict()["roles"]["0"]["streams"]["retrieval"]["epoch"] + 1
+    epochs = st.state_dict()["streams"]["retrieval"]["epoch"] + 1
     assert st.stats == {"bad_records": epochs, "bad_records.too_few_negatives": epochs}
