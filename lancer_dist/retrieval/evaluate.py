@@ -48,7 +48,7 @@ __all__ = ["EvalCollection", "EvalReport", "format_table", "load_eval_collection
 
 # How long evaluation waits for the tracking store: for the run's creation at the start, and at the end for the
 # outbox to drain. Evaluation never blocks on the store in between (records go to the on-disk outbox); what is not
-# delivered by the end stays in <eval output>/mlflow_spool for `lancer tracking-upload`.
+# delivered by the end stays in <eval output>/mlflow_spool for `python -m lancer_dist.train.tracking upload`.
 TRACKER_START_TIMEOUT_S = 10.0
 TRACKER_FINISH_TIMEOUT_S = 60.0
 
@@ -135,9 +135,8 @@ def _collection_names(paths: list[Path]) -> list[str]:
         common = Path(*_common_prefix([r.parts for r in resolved]))
         raw = [str(r.relative_to(common)) if r != common else r.name for r in resolved]
     names = [metric_key(n) or "collection" for n in raw]
-    if len(set(names)) != len(
-        names
-    ):  # e.g. a collection nested in another one, or names equal once sanitised
+    # Equal names: a collection nested in another one, or names that are equal once sanitised.
+    if len(set(names)) != len(names):
         names = [f"{n}-{i}" for i, n in enumerate(names)]
     return names
 
