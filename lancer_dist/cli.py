@@ -51,6 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"lancer: error: {e}", file=sys.stderr)
         return 2
+    except Exception:
+        # An unexpected error still shows its traceback, but redacted: exception messages quote URIs and
+        # settings (an MLflow error quotes the tracking URI with its password).
+        import traceback
+
+        from lancer_dist.redact import redact
+
+        print(redact(traceback.format_exc()), end="", file=sys.stderr)
+        return 1
     return int(rc or 0)
 
 

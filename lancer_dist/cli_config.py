@@ -7,11 +7,13 @@ import argparse
 import yaml
 
 from lancer_dist.config import config_to_dict, load_config
+from lancer_dist.redact import redact_mapping
 
 
 def _show(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    # Secrets (a tracking URI's password, a token under a secret-named key) are shown as ***.
+    print(yaml.safe_dump(redact_mapping(config_to_dict(cfg)), sort_keys=False), end="")
     return 0
 
 

@@ -15,6 +15,7 @@ Conventions
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from lancer_dist.paths import expand
+from lancer_dist.redact import redact, redact_uri
 
 __all__ = [
     "CheckpointConfig",
@@ -52,7 +54,8 @@ class ConfigError(ValueError):
         self.value = value
         self.expected = expected
         where = f" (in {source})" if source else ""
-        super().__init__(f"config field '{field}'{where}: got {value!r}, expected {expected}")
+        # A value can hold a secret (a tracking URI's password): the message is redacted like every log line.
+        super().__init__(redact(f"config field '{field}'{where}: got {value!r}, expected {expected}"))
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:
@@ -290,6 +293,37 @@ class TrackingConfig:
 
     def validate(self, p: str) -> None:
         _check(self.retry_seconds > 0, f"{p}.retry_seconds", self.retry_seconds, "a number > 0")
+        _check(
+            tracking_uri_ok(self.tracking_uri),
+            f"{p}.tracking_uri",
+            redact_uri(self.tracking_uri),
+            "empty (sqlite next to the run), a local path, or a URI with a scheme MLflow stores: "
+            + ", ".join(f"{s}:" for s in TRACKING_SCHEMES),
+        )
+
+
+# Schemes MLflow 3 has a tracking store for (``mlflow.tracking._tracking_service.utils``); databases also as
+# ``<db>+<driver>``. Anything else (``bogus://x``) would have every record rejected at delivery, so it is refused here.
+TRACKING_SCHEMES = (
+    "http",
+    "https",
+    "file",
+    "sqlite",
+    "postgresql",
+    "mysql",
+    "mssql",
+    "databricks",
+    "databricks-uc",
+    "uc",
+)
+
+
+def tracking_uri_ok(uri: str) -> bool:
+    """Empty, a local path (no scheme, or a one-letter Windows drive), or a URI with a scheme in TRACKING_SCHEMES."""
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", uri)
+    if not uri or m is None or len(m.group(1)) == 1:
+        return True
+    return m.group(1).lower().split("+", 1)[0] in TRACKING_SCHEMES
 
 
 @dataclass
@@ -511,6 +545,32 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, again: int):
+        self.key, self.first, self.again = key, first, again
+        super().__init__(f"key {key!r} at line {again} was already given at line {first}")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently, so a section
+    written twice would lose the first one's settings). Keys brought in by a ``<<`` merge may be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML run config, apply dotted overrides, and validate. Raises :class:`ConfigError`."""
     data: dict[str, Any] = {}
@@ -521,7 +581,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError("--config", source, "an existing YAML file")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+        except _DuplicateKey as e:
+            raise ConfigError(
+                str(e.key),
+                f"given at line {e.first} and again at line {e.again}",
+                "each key once per section (YAML would keep only the last one)",
+                source,
+            ) from None
         except yaml.YAMLError as e:
             raise ConfigError("--config", source, f"valid YAML ({e})") from e
         if loaded is None:

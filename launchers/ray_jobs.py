@@ -137,8 +137,9 @@ def entrypoint(job: RayJob) -> str:
         ]
     py = shlex.quote(job.python)
     if job.verb == "train":
-        # --standalone: a private rendezvous on a free local port, so concurrent jobs on one node never clash.
-        launcher = f"{py} -m torch.distributed.run --standalone --nproc_per_node={job.nproc}"
+        # --standalone: a private rendezvous on a free local port, so concurrent jobs on one node never clash;
+        # launchers.local_torchrun keeps its stores on 127.0.0.1 (torchrun's own listen on every interface).
+        launcher = f"{py} -m launchers.local_torchrun --standalone --nproc_per_node={job.nproc}"
         return f"{launcher} -m {shlex.join(prog)}"
     return f"{py} -m {shlex.join(prog)}"
 

@@ -273,11 +273,17 @@ def render_train_script(job: SlurmJob, run_name: str | None = None) -> str:
             "trap on_preempt USR1",
             "",
         ]
+    # One node: the rendezvous and the workers' store stay on 127.0.0.1 (launchers.local_torchrun binds them there).
+    runner, rdzv_host = (
+        ("launchers.local_torchrun", "127.0.0.1")
+        if job.nodes == 1
+        else ("torch.distributed.run", "$HEAD_ADDR")
+    )
     lines += [
         "# One torchrun per node; the ranks of all nodes meet at the c10d rendezvous on the head node.",
         f"srun --nodes={job.nodes} --ntasks-per-node=1 --kill-on-bad-exit=0 \\",
-        f"  {_q(job.python)} -m torch.distributed.run --nnodes={job.nodes} --nproc_per_node={job.nprocs} \\",
-        '  --rdzv_backend=c10d --rdzv_endpoint="$HEAD_ADDR:$RDZV_PORT" --rdzv_id="$SLURM_JOB_ID" --max_restarts=0 \\',
+        f"  {_q(job.python)} -m {runner} --nnodes={job.nodes} --nproc_per_node={job.nprocs} \\",
+        f'  --rdzv_backend=c10d --rdzv_endpoint="{rdzv_host}:$RDZV_PORT" --rdzv_id="$SLURM_JOB_ID" --max_restarts=0 \\',
         f"  -m {prog_str} &",
         "STEP_PID=$!",
         "# `wait` returns early when a trapped signal arrives: wait again until the step has really ended.",

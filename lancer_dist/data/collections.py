@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from lancer_dist.data.errors import DataError
+from lancer_dist.data.errors import DataError, decoded_lines
 
 __all__ = [
     "FORMATS",
@@ -203,6 +203,15 @@ def _open_text(path: PathLike, encoding: str = "utf-8") -> IO[str]:
     return open(p, encoding=encoding, newline="")
 
 
+def _open_binary(path: PathLike) -> IO[bytes]:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(p, None, "<file>", "no such file", "missing_file")
+    if p.suffix == ".gz":
+        return gzip.open(p, "rb")  # type: ignore[return-value]
+    return open(p, "rb")
+
+
 def _read_text(path: PathLike, encoding: str = "utf-8") -> str:
     try:
         with _open_text(path, encoding) as f:
@@ -214,9 +223,10 @@ def _read_text(path: PathLike, encoding: str = "utf-8") -> str:
 
 
 def _iter_jsonl(path: PathLike, encoding: str = "utf-8") -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield (``"line N"``, object) for the non-blank lines of a jsonl file."""
-    with _open_text(path, encoding) as f:
-        for n, line in enumerate(f, 1):
+    """Yield (``"line N"``, object) for the non-blank lines of a jsonl file (bytes that are not ``encoding``: a
+    DataError naming file, line and byte offset)."""
+    with _open_binary(path) as f:
+        for n, line in decoded_lines(f, path, encoding):
             if not line.strip():
                 continue
             try:

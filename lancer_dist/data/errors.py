@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["DataError", "SkipCounter"]
+__all__ = ["DataError", "SkipCounter", "decoded_lines"]
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +68,28 @@ class SkipCounter:
 
     def load(self, counts: dict[str, int]) -> None:
         self.counts = Counter({str(k): int(v) for k, v in counts.items()})
+
+
+def decoded_lines(
+    raw_lines: Iterable[bytes], where: str | Path, encoding: str = "utf-8"
+) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` for each line of a file opened in binary mode.
+
+    Decoding line by line (instead of opening the file in text mode) turns bytes that are not ``encoding`` into a
+    :class:`DataError` naming the file, the line and the byte offset in the file, not a bare UnicodeDecodeError.
+    """
+    offset = 0
+    for lineno, raw in enumerate(raw_lines, 1):
+        try:
+            text = raw.decode(encoding)
+        except UnicodeDecodeError as e:
+            raise DataError(
+                where,
+                f"line {lineno}",
+                "<bytes>",
+                f"not valid {encoding} at byte offset {offset + e.start} of the file "
+                f"(byte {raw[e.start : e.start + 1]!r}: {e.reason})",
+                "bad_encoding",
+            ) from e
+        offset += len(raw)
+        yield lineno, text

@@ -38,6 +38,7 @@ from lancer_dist.data.errors import DataError
 
 __all__ = [
     "FORMAT_VERSION",
+    "BadRecord",
     "Manifest",
     "ShardInfo",
     "ShardWriter",
@@ -79,9 +80,22 @@ def _nonempty_str(where: str, key: str, rec: dict[str, Any], name: str, label: s
     return value
 
 
+@dataclass(frozen=True)
+class BadRecord:
+    """A shard member that could not be decoded (not UTF-8, not JSON), kept in its place by :func:`load_shard` so
+    that one bad record costs one record, not its whole shard. The record checks raise its ``error``."""
+
+    error: DataError
+
+    def get(self, _name: str, default: Any = None) -> Any:  # reads like a record without fields
+        return default
+
+
 def check_passage(where: str, key: str, rec: Any, languages: Collection[str] | None = None) -> None:
     """Raise :class:`DataError` unless ``rec`` is a passage record (non-empty ``text``, a language code ``lang``
     that is in ``languages`` when given)."""
+    if isinstance(rec, BadRecord):
+        raise rec.error
     if not isinstance(rec, dict):
         raise DataError(
             where, key, "<record>", f"expected a JSON object, got {type(rec).__name__}", "not_object"
@@ -119,6 +133,8 @@ def _check_passage_list(where: str, key: str, rec: dict[str, Any], name: str, al
 
 def check_group(where: str, key: str, rec: Any) -> None:
     """Raise :class:`DataError` unless ``rec`` is a retrieval group (query, >= 1 positive, a negatives list)."""
+    if isinstance(rec, BadRecord):
+        raise rec.error
     if not isinstance(rec, dict):
         raise DataError(
             where, key, "<record>", f"expected a JSON object, got {type(rec).__name__}", "not_object"
@@ -519,14 +535,14 @@ def _fast_members(data: bytes, where: str) -> list[tuple[str, bytes]] | None:
         pos = start + (size + 511) // 512 * 512
 
 
-def _iter_tar_bytes(fileobj: Any, where: str) -> Iterator[tuple[str, Any]]:
+def _iter_tar_bytes(fileobj: Any, where: str, keep_bad: bool = False) -> Iterator[tuple[str, Any]]:
     from webdataset.tariterators import tar_file_iterator
 
     if isinstance(fileobj, io.BytesIO):
         members = _fast_members(fileobj.getvalue(), where)
         if members is not None:
             for fname, payload in members:
-                yield _decode_member(where, fname, payload)
+                yield _decode_member(where, fname, payload, keep_bad)
             return
 
     last: str | None = None
@@ -541,25 +557,32 @@ def _iter_tar_bytes(fileobj: Any, where: str) -> Iterator[tuple[str, Any]]:
             raise DataError(
                 where, last, "tar", f"corrupt or truncated tar{after}: {e}", reason="corrupt_tar"
             ) from e
-        key, rec = _decode_member(where, member["fname"], member["data"])
+        key, rec = _decode_member(where, member["fname"], member["data"], keep_bad)
         last = key
         yield key, rec
 
 
-def _decode_member(where: str, fname: str, payload: bytes) -> tuple[str, Any]:
+def _decode_member(where: str, fname: str, payload: bytes, keep_bad: bool = False) -> tuple[str, Any]:
     key, _, ext = fname.partition(".")
     if ext != "json":
         raise DataError(where, key, fname, "unexpected tar member (expected <key>.json)", reason="bad_member")
     try:
         return key, json.loads(payload.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(where, key, "<json>", f"not valid UTF-8 JSON ({e})", reason="bad_json") from e
+        reason = "bad_utf8" if isinstance(e, UnicodeDecodeError) else "bad_json"
+        err = DataError(where, key, "<json>", f"not valid UTF-8 JSON ({e})", reason=reason)
+        if keep_bad:
+            return key, BadRecord(err)
+        raise err from e
 
 
 def load_shard(
     manifest: Manifest, shard: ShardInfo, *, verify_checksum: bool = True
 ) -> list[tuple[str, Any]]:
     """All ``(key, record)`` pairs of a shard (records not validated; see :func:`check_passage`).
+
+    A member that is not UTF-8 JSON comes back as a :class:`BadRecord` in its place (the record checks raise its
+    error, so under skipping it costs one record); the shard's structure (tar, checksum, count) is all or nothing.
 
     Checks, in order, each raising :class:`DataError` naming the shard: the file exists; the tar parses (a
     truncated tar names the last good key); the sha256 matches the manifest; the number of samples matches the
@@ -574,7 +597,7 @@ def load_shard(
         raise DataError(where, None, "file", f"cannot read shard ({e})", reason="missing_shard") from e
     sha = hashlib.sha256(data).hexdigest()
     try:
-        records = list(_iter_tar_bytes(io.BytesIO(data), where))
+        records = list(_iter_tar_bytes(io.BytesIO(data), where, keep_bad=True))
     except DataError as e:
         note = "matches" if sha == shard.sha256 else "differs from"
         raise DataError(

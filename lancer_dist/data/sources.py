@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lancer_dist.data.errors import DataError
+from lancer_dist.data.errors import DataError, decoded_lines
 from lancer_dist.data.shards import Manifest, ShardWriter, check_group
 
 __all__ = [
@@ -50,8 +50,8 @@ def _split_input(spec: str) -> tuple[str, str]:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, line in decoded_lines(f, path):
             if not line.strip():
                 continue
             try:
@@ -71,8 +71,9 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_tsv(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+    with open(path, "rb") as f:
+        lines = (text for _, text in decoded_lines(f, path))
+        reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
         for lineno, cells in enumerate(reader, 1):
             if lineno == 1 and [c.strip() for c in cells] == list(columns):
                 continue  # a header row naming the columns

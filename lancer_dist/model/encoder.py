@@ -5,14 +5,16 @@ No distributed code lives here (parallelism is applied from outside by the train
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lancer_dist.config import ModelConfig
+from lancer_dist.config import ConfigError, ModelConfig
 
 ENCODER_META = "lancer_encoder.json"
 
@@ -58,11 +60,27 @@ def build_backbone(cfg: ModelConfig, subdir: str | None = None) -> Any:
         return _without_unused_pooler(lambda **kw: AutoModel.from_config(config, **kw), cfg.pooling)
     path = cfg.name_or_path if subdir is None else str(Path(cfg.name_or_path) / subdir)
     kwargs: dict[str, Any] = {}
-    if cfg.dropout is not None:
-        config = AutoConfig.from_pretrained(path)
-        _set_dropout(config, cfg.dropout)
-        kwargs["config"] = config
-    return _without_unused_pooler(lambda **kw: AutoModel.from_pretrained(path, **kwargs, **kw), cfg.pooling)
+    with _names_field("model.name_or_path", cfg.name_or_path):
+        if cfg.dropout is not None:
+            config = AutoConfig.from_pretrained(path)
+            _set_dropout(config, cfg.dropout)
+            kwargs["config"] = config
+        return _without_unused_pooler(
+            lambda **kw: AutoModel.from_pretrained(path, **kwargs, **kw), cfg.pooling
+        )
+
+
+@contextlib.contextmanager
+def _names_field(field_name: str, value: str) -> Iterator[None]:
+    """A model or tokenizer that cannot be loaded (no such directory, no such hub id, no hub reachable) is a
+    ConfigError naming the config field, not a transformers traceback."""
+    try:
+        yield
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            field_name, value, f"a transformers model directory or a reachable hub id ({first})"
+        ) from None
 
 
 def _without_unused_pooler(make: Any, pooling: str) -> Any:
@@ -259,4 +277,6 @@ def _write_sentence_transformers_modules(d: Path, dim: int, pooling: str, normal
 def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.name_or_path)
+    field_name = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    with _names_field(field_name, cfg.tokenizer or cfg.name_or_path):
+        return AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.name_or_path)

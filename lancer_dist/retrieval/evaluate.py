@@ -16,7 +16,9 @@ Outputs under ``eval.output_dir``: ``emb/<model>/<collection>/`` (embedding stor
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from lancer_dist.config import RunConfig, config_to_dict, flatten
+from lancer_dist.config import ConfigError, RunConfig, config_to_dict
 from lancer_dist.retrieval.analysis import (
     balanced_sample,
     plot_pool_growth,
@@ -39,10 +41,30 @@ from lancer_dist.retrieval.metrics import evaluate_by_language, recall_at_kt
 from lancer_dist.retrieval.posthoc import Affine, fit_leace, fit_lsar
 from lancer_dist.retrieval.search import search_store
 from lancer_dist.retrieval.store import EmbeddingStore, plan_shards, read_corpus_range
-from lancer_dist.retrieval.tracking import EvalTracker, metric_key
 from lancer_dist.retrieval.trec import write_run
+from lancer_dist.train.tracking import Tracker, resolve_tracking_uri
 
-__all__ = ["EvalCollection", "EvalReport", "format_table", "load_eval_collection", "run_eval"]
+__all__ = ["EvalCollection", "EvalReport", "format_table", "load_eval_collection", "metric_key", "run_eval"]
+
+# How long evaluation waits for the tracking store: for the run's creation at the start, and at the end for the
+# outbox to drain. Evaluation never blocks on the store in between (records go to the on-disk outbox); what is not
+# delivered by the end stays in <eval output>/mlflow_spool for `python -m lancer_dist.train.tracking upload`.
+TRACKER_START_TIMEOUT_S = 10.0
+TRACKER_FINISH_TIMEOUT_S = 60.0
+
+
+def metric_key(*parts: str) -> str:
+    """An MLflow-safe metric name: ``metric_key("base", "crosslingual", "nDCG@10")`` -> ``base/crosslingual/nDCG_at_10``.
+
+    MLflow allows letters, digits, ``_ - . / :`` and spaces, and no empty, ``.`` or ``..`` path parts: ``@`` and
+    ``+`` are spelled out, every other character becomes ``_``, and empty / dot parts are dropped."""
+    out: list[str] = []
+    for part in parts:
+        for piece in str(part).replace("@", "_at_").replace("+", "plus_").split("/"):
+            piece = re.sub(r"[^A-Za-z0-9_\-. ]", "_", piece).strip()
+            if piece and piece not in (".", ".."):
+                out.append(piece)
+    return "/".join(out)
 
 
 @dataclass
@@ -92,13 +114,31 @@ def load_eval_collection(path: str | Path, name: str | None = None, split: str =
 
 
 def _collection_names(paths: list[Path]) -> list[str]:
-    """Short unique names: the path below the collections' common parent (e.g. ``monolingual/fr``)."""
-    if len(paths) == 1:
-        return [paths[0].name]
+    """Short unique names: the path below the collections' common parent (e.g. ``monolingual/fr``).
+
+    A name is a relative path of plain parts (letters, digits, ``_ - .``), never absolute and never ``..``: it is
+    used below the eval output directory (``emb/<model>/<name>``) and in MLflow metric names. A collection listed
+    twice is a :class:`ConfigError` naming both positions in ``eval.collections``."""
     resolved = [p.resolve() for p in paths]
-    common = Path(*_common_prefix([r.parts for r in resolved]))
-    names = [str(r.relative_to(common)) if r != common else r.name for r in resolved]
-    return names if len(set(names)) == len(names) else [str(p) for p in paths]
+    first: dict[Path, int] = {}
+    for i, r in enumerate(resolved):
+        if r in first:
+            raise ConfigError(
+                "eval.collections",
+                [str(p) for p in paths],
+                f"distinct collection directories (entries {first[r]} and {i} are both {r})",
+            )
+        first[r] = i
+    if len(paths) == 1:
+        raw = [resolved[0].name]
+    else:
+        common = Path(*_common_prefix([r.parts for r in resolved]))
+        raw = [str(r.relative_to(common)) if r != common else r.name for r in resolved]
+    names = [metric_key(n) or "collection" for n in raw]
+    # Equal names: a collection nested in another one, or names that are equal once sanitised.
+    if len(set(names)) != len(names):
+        names = [f"{n}-{i}" for i, n in enumerate(names)]
+    return names
 
 
 def _common_prefix(parts: list[tuple[str, ...]]) -> tuple[str, ...]:
@@ -110,12 +150,19 @@ def _common_prefix(parts: list[tuple[str, ...]]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _model_dir(path: str, field_name: str) -> Path:
+    """An encoder directory named by a config field; a missing one is a ConfigError naming that field."""
+    if not Path(path).is_dir():
+        raise ConfigError(field_name, path, "an existing encoder / transformers model directory")
+    return Path(path)
+
+
 def resolve_base_model(cfg: RunConfig, out_dir: Path) -> Path:
     """The baseline encoder directory: eval.model, model.name_or_path, or a random backbone saved once."""
     if cfg.eval.model:
-        return Path(cfg.eval.model)
+        return _model_dir(cfg.eval.model, "eval.model")
     if cfg.model.backbone_config is None:
-        return Path(cfg.model.name_or_path)
+        return _model_dir(cfg.model.name_or_path, "model.name_or_path")
     import torch
 
     from lancer_dist.model import BiEncoder, load_tokenizer
@@ -186,7 +233,7 @@ def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] =
 
     def extra(path_str: str) -> EvalCollection:
         p = Path(path_str)
-        return by_path.get(p.resolve()) or load_eval_collection(p, f"extra-{p.name}")
+        return by_path.get(p.resolve()) or load_eval_collection(p, metric_key(f"extra-{p.resolve().name}"))
 
     n_langs = lambda c: len(set(c.query_langs))  # noqa: E731
     probe_coll = (
@@ -206,14 +253,33 @@ def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] =
         if c is not None and c not in colls
     ]
 
-    tracker = EvalTracker(cfg.tracking, cfg.output_dir, run_name=f"eval-{cfg.name}")
-    report.mlflow_run_id = tracker.run_id
-    tracker.log_params(flatten({"eval": config_to_dict(ev)}))
+    models = {"base": resolve_base_model(cfg, out)}
+    if ev.lancer_model:
+        models["lancer"] = _model_dir(ev.lancer_model, "eval.lancer_model")
+    for tag in models:
+        for c in all_colls:  # every output stays below the eval output directory
+            if not (out / "emb" / tag / c.name).resolve().is_relative_to(out.resolve()):
+                raise ConfigError(
+                    "eval.collections", str(c.path), f"a collection whose name {c.name!r} is relative"
+                )
+
+    # The training tracker: an on-disk outbox in <eval output>/mlflow_spool delivered by a background thread, so
+    # an unreachable store neither stalls nor kills evaluation, and secrets are redacted. The store is the run's
+    # (by default sqlite next to output_dir, like training), and its artifacts go where that store keeps them.
+    tracking = dataclasses.replace(
+        cfg.tracking, tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output_dir)
+    )
+    tracker = Tracker(
+        tracking,
+        run_dir=out,
+        rank=0,
+        start_timeout_s=TRACKER_START_TIMEOUT_S,
+        finish_timeout_s=TRACKER_FINISH_TIMEOUT_S,
+    )
+    report.mlflow_run_id = tracker.start({"eval": config_to_dict(ev)}, run_name=f"eval-{cfg.name}")
     started_ray = ensure_ray(ev.ray_address)
+    status = "FAILED"
     try:
-        models = {"base": resolve_base_model(cfg, out)}
-        if ev.lancer_model:
-            models["lancer"] = Path(ev.lancer_model)
         stores: dict[tuple[str, str], EmbeddingStore] = {}
         queries: dict[tuple[str, str], np.ndarray] = {}
         for tag, path in models.items():
@@ -288,7 +354,13 @@ def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] =
                             res.setdefault(lang, {})[name] = v
                 report.results[vname][c.name] = res
                 tracker.log_metrics(
-                    {metric_key(vname, c.name, lang, m): v for lang, ms in res.items() for m, v in ms.items()}
+                    {
+                        metric_key(vname, c.name, lang, m): v
+                        for lang, ms in res.items()
+                        for m, v in ms.items()
+                        if not np.isnan(v)
+                    },
+                    step=0,
                 )
         report.seconds["search+metrics"] = time.perf_counter() - t0
 
@@ -307,7 +379,9 @@ def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] =
                 tf_probe = fit(x[train], list(lab[train]), **kw)
                 x = tf_probe(x)
             report.probe[vname] = probe_accuracy(x[train], lab[train], x[~train], lab[~train])
-        tracker.log_metrics({metric_key(v, "probe_language_id_accuracy"): a for v, a in report.probe.items()})
+        tracker.log_metrics(
+            {metric_key(v, "probe_language_id_accuracy"): a for v, a in report.probe.items()}, step=0
+        )
         report.seconds["probe"] = time.perf_counter() - t0
 
         # Fig. 1/3: nDCG@10 as languages are added to the pool.
@@ -379,11 +453,17 @@ def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] =
             )
         )
         report.artifacts += [out / "table.md", out / "table.csv", out / "results.json"]
-        tracker.log_table(report.table, "eval/table2.json")
+        columns = list(report.table[0])
+        tracker.log_dict(
+            {"columns": columns, "data": [[r.get(c) for c in columns] for r in report.table]},
+            "eval/table2.json",
+        )
         for a in report.artifacts:
             tracker.log_artifact(a, "eval")
+        status = "FINISHED"
     finally:
-        tracker.close()
+        tracker.finish(status)
+        report.mlflow_run_id = tracker.run_id or report.mlflow_run_id
         if started_ray:
             import ray
 

@@ -1,8 +1,12 @@
 """IR metrics as pure functions of (qrels, run).
 
 Standard measures use ir-measures naming (``nDCG@10``, ``AP``, ``AP@100``, ``R@100``, ``RR@10``, ``P@5`` ...) and
-are computed by ir-measures' pytrec_eval provider (trec_eval's code). Means are over the queries of the qrels that
-have at least one relevant document; a judged query missing from the run scores 0 (as ir-measures does).
+are computed by ir-measures' pytrec_eval provider (trec_eval's code), except the reciprocal rank: that provider ignores
+the cutoff of ``RR@k`` (it reports the uncut reciprocal rank, and with several RR cutoffs in one call it mixes their
+values up), so ``RR`` and ``RR@k`` are computed here with trec_eval's ranking rule (score descending, ties broken by
+docid descending) and its relevance rule (``rel`` >= 1 unless the measure says ``RR(rel=2)``). Every measure is checked
+against a plain-Python textbook implementation in tests/unit/test_metrics.py. Means are over the queries of the qrels
+that have at least one relevant document; a judged query missing from the run scores 0 (as ir-measures does).
 
 XOR-Retrieve's Recall@n-kt (Asai et al., 2021) is not in any library and is computed here: a query is a hit when one
 of its answer strings occurs in the first ``n`` thousand whitespace tokens of its ranked passages' concatenated
@@ -22,6 +26,8 @@ __all__ = [
     "parse_measures",
     "per_query",
     "recall_at_kt",
+    "reciprocal_rank",
+    "trec_order",
 ]
 
 Run = Mapping[str, Mapping[str, float]]
@@ -56,10 +62,33 @@ def per_query(qrels: Qrels, run: Run, measures: Sequence[str]) -> dict[str, dict
     out: dict[str, dict[str, float]] = {str(m): dict.fromkeys(judged, 0.0) for m in parsed}
     qrels_j = {q: dict(qrels[q]) for q in judged}
     run_j = {q: dict(run[q]) for q in judged if q in run and len(run[q]) > 0}
-    if run_j:
-        for metric in ir_measures.pytrec_eval.iter_calc(parsed, qrels_j, run_j):
+    rr = [m for m in parsed if m.NAME == "RR"]
+    others = [m for m in parsed if m.NAME != "RR"]
+    if run_j and others:
+        for metric in ir_measures.pytrec_eval.iter_calc(others, qrels_j, run_j):
             out[str(metric.measure)][metric.query_id] = float(metric.value)
+    for m in rr:
+        cutoff = m.params.get("cutoff")
+        min_rel = m.params.get("rel") or 1
+        for q, docs in run_j.items():
+            out[str(m)][q] = reciprocal_rank(qrels_j[q], docs, cutoff=cutoff, min_rel=min_rel)
     return out
+
+
+def trec_order(scores: Mapping[str, float]) -> list[str]:
+    """Docids in trec_eval's order: score descending, ties broken by docid descending."""
+    return [d for d, _ in sorted(scores.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)]
+
+
+def reciprocal_rank(
+    qrels_q: Mapping[str, int], scores: Mapping[str, float], cutoff: int | None = None, min_rel: int = 1
+) -> float:
+    """1 / rank of the first document with relevance >= ``min_rel`` among the first ``cutoff`` (0 if none)."""
+    ranked = trec_order(scores)
+    for rank, docid in enumerate(ranked[:cutoff] if cutoff is not None else ranked, start=1):
+        if qrels_q.get(docid, 0) >= min_rel:
+            return 1.0 / rank
+    return 0.0
 
 
 def evaluate(qrels: Qrels, run: Run, measures: Sequence[str]) -> dict[str, float]:

@@ -7,10 +7,20 @@ the loss rises and the accuracy falls towards chance (``1 / num_languages``).
 
 The split is plain ``(text, language)`` pairs, so any source works (the erasure shards, a held-out file, a test's
 synthetic data); :meth:`LanguageProbe.from_pool` draws a balanced, disjoint split from a pool of pairs.
+
+:func:`build_probe` is the trainer's probe: its pairs come from shards (``probe.path``, default the erasure data)
+read by :func:`load_probe_pool` through the same checked reader as the training stream
+(:func:`lancer_dist.data.shards.load_shard`: the file exists, the tar is whole, sha256 and record counts match the
+manifest; every record is checked). Only shards holding a language the probe uses are opened, in a seeded order,
+and reading stops once every language has ``POOL_FACTOR`` times the texts the split needs, so the memory (and the
+start-up time) stays bounded however large the data is. A bad shard or record raises a ``DataError`` naming it,
+or with ``data.skip_bad_records`` is counted; the counts are logged and reported with the probe's metrics
+(``probe/skipped_records``, ``probe/skipped_shards``).
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -19,7 +29,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LanguageProbe", "probe_curve_png"]
+from lancer_dist.config import RunConfig
+from lancer_dist.data.errors import DataError, SkipCounter
+
+__all__ = ["POOL_FACTOR", "LanguageProbe", "build_probe", "load_probe_pool", "probe_curve_png"]
+
+log = logging.getLogger(__name__)
+
+# The pool the probe's split is drawn from holds up to POOL_FACTOR x (train + test) distinct texts per language.
+POOL_FACTOR = 4
 
 EncodeFn = Callable[[list[str]], Any]
 
@@ -71,6 +89,8 @@ class LanguageProbe:
         self.max_iter = max_iter
         self.C = C
         self.classifier: Any = None  # the last fitted sklearn Pipeline (scaler + logistic regression)
+        # Bad shards / records skipped while reading the probe's data (reported with every evaluation).
+        self.skipped: dict[str, int] = {}
 
     @classmethod
     def from_pool(
@@ -159,12 +179,104 @@ class LanguageProbe:
             "probe_test_accuracy": float(accuracy_score(self.y_test, p_test.argmax(1))),
             "probe_chance": self.chance,
             "probe_num_languages": float(len(self.languages)),
+            "probe_skipped_records": float(self.skipped.get("bad_records", 0)),
+            "probe_skipped_shards": float(self.skipped.get("bad_shards", 0)),
         }
 
     def __repr__(self) -> str:
         counts = Counter(self.y_train.tolist())
         per = ", ".join(f"{lang}={counts[i]}" for i, lang in enumerate(self.languages))
         return f"LanguageProbe(train={len(self.train_texts)} [{per}], test={len(self.test_texts)})"
+
+
+def load_probe_pool(
+    path: str | Path,
+    languages: Sequence[str] | None,
+    per_language: int,
+    *,
+    skip_bad: bool,
+    seed: int = 0,
+    counter: SkipCounter | None = None,
+) -> tuple[list[tuple[str, str]], list[str], SkipCounter]:
+    """Up to ``per_language`` distinct ``(text, language)`` pairs per language from the shards at ``path``.
+
+    Returns the pairs, the languages (``languages``, or every language of the manifest) and the skip counter. Only
+    shards whose manifest counts include a wanted language are read (a bad shard of another language is never
+    opened), each through :func:`~lancer_dist.data.shards.load_shard` and every record of a wanted language (or with
+    no valid language) through :func:`~lancer_dist.data.shards.check_passage`.
+    """
+    from lancer_dist.data.shards import check_passage, load_shard, read_manifest
+
+    manifest = read_manifest(path)
+    langs = list(languages) if languages else manifest.languages
+    wanted = set(langs)
+    known = set(manifest.totals)
+    counter = counter if counter is not None else SkipCounter()
+    texts: dict[str, dict[str, None]] = {lang: {} for lang in langs}  # insertion-ordered sets
+    shards = [s for s in manifest.shards if any(s.languages.get(lang, 0) > 0 for lang in wanted)]
+    random.Random(seed).shuffle(shards)
+    for shard in shards:
+        if all(len(texts[lang]) >= per_language for lang in langs):
+            break
+        if all(len(texts[lang]) >= per_language for lang in wanted if shard.languages.get(lang, 0) > 0):
+            continue  # every wanted language of this shard has enough texts already
+        where = f"{shard.name} (in {manifest.root})"
+        try:
+            records = load_shard(manifest, shard)
+            held = Counter(r.get("lang") if isinstance(r, dict) else None for _, r in records)
+            if all(isinstance(k, str) and k in known for k in held) and dict(held) != {
+                k: v for k, v in shard.languages.items() if v
+            }:
+                raise DataError(
+                    where,
+                    None,
+                    "languages",
+                    f"shard holds {dict(held)}, manifest says {shard.languages}",
+                    reason="manifest_mismatch",
+                )
+        except DataError as e:
+            if not skip_bad:
+                raise
+            counter.skip(e, shard_level=True)
+            continue
+        for key, rec in records:
+            lang = rec.get("lang") if isinstance(rec, dict) else None
+            if isinstance(lang, str) and lang in known and lang not in wanted:
+                continue  # a record of a language the probe does not use
+            try:
+                check_passage(where, key, rec, known)
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                counter.skip(e)
+                continue
+            bucket = texts[rec["lang"]]
+            if len(bucket) < per_language and rec["text"].strip():
+                bucket[rec["text"]] = None
+    pairs = [(text, lang) for lang in langs for text in texts[lang]]
+    return pairs, langs, counter
+
+
+def build_probe(cfg: RunConfig, languages: Sequence[str] | None = None) -> LanguageProbe | None:
+    """The trainer's language probe (None when ``probe.enabled`` is false or there is no data to probe on):
+    a balanced split of ``probe.path`` (default ``data.erasure.path``) over ``languages`` (default: the manifest's),
+    read through the checked shard reader (see the module docstring)."""
+    pc = cfg.probe
+    path = pc.path or cfg.data.erasure.path
+    if not pc.enabled or not path:
+        return None
+    need = pc.train_per_language + pc.test_per_language
+    pairs, langs, counter = load_probe_pool(
+        path, languages, POOL_FACTOR * need, skip_bad=cfg.data.skip_bad_records, seed=cfg.train.seed
+    )
+    skipped = counter.as_dict()
+    if skipped:
+        log.warning("language probe data %s: skipped %s", path, skipped)
+    probe = LanguageProbe.from_pool(
+        pairs, pc.train_per_language, pc.test_per_language, languages=langs, seed=cfg.train.seed
+    )
+    probe.skipped = skipped
+    return probe
 
 
 def probe_curve_png(

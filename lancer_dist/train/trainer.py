@@ -371,25 +371,9 @@ class Trainer:
     # ---- the probe -----------------------------------------------------------------------------------------
 
     def _build_probe(self) -> Any:
-        pc = self.cfg.probe
-        if not pc.enabled:
-            return None
-        from lancer_dist.data.shards import iter_shard, read_manifest
-        from lancer_dist.train.probe import LanguageProbe
+        from lancer_dist.train.probe import build_probe
 
-        path = pc.path or self.cfg.data.erasure.path
-        if not path:
-            return None
-        manifest = read_manifest(path)
-        langs = self.stream.languages or manifest.languages
-        pairs = []
-        for shard in manifest.shards:
-            for _key, rec in iter_shard(manifest.shard_path(shard)):
-                if rec.get("lang") in langs and isinstance(rec.get("text"), str):
-                    pairs.append((rec["text"], rec["lang"]))
-        return LanguageProbe.from_pool(
-            pairs, pc.train_per_language, pc.test_per_language, languages=langs, seed=self.cfg.train.seed
-        )
+        return build_probe(self.cfg, self.stream.languages)
 
     @torch.no_grad()
     def _encode_texts(self, texts: list[str]) -> Any:

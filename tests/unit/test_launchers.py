@@ -188,7 +188,7 @@ def test_ray_entrypoint_and_runtime_env(tmp_path: Path):
     job = RayJob(config=CFG, nproc=2, overrides=["train.steps=3"], working_dir=str(REPO))
     ep = entrypoint(job)
     assert ep.startswith(
-        "python -m torch.distributed.run --standalone --nproc_per_node=2 -m lancer_dist.cli train"
+        "python -m launchers.local_torchrun --standalone --nproc_per_node=2 -m lancer_dist.cli train"
     )
     assert "--config configs/tiny.yaml train.steps=3" in ep  # relative to the packaged working dir
     cfg = yaml.safe_load(Path(CFG).read_text())

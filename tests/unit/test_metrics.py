@@ -88,3 +88,92 @@ def test_trec_roundtrip_and_errors(tmp_path):
     (tmp_path / "bad.trec").write_text("q1 Q0 d1 1 0.5 x\nq1 Q0 d2 2 high x\n")
     with pytest.raises(TrecFormatError, match=r"bad.trec:2: field 'score'"):
         read_run(tmp_path / "bad.trec")
+
+
+# --- Every reported measure against a plain-Python textbook reference (trec_eval definitions) ------------------------
+
+
+def _ref_order(run_q):
+    # trec_eval ranks by score descending and breaks ties by docid descending.
+    return [d for d, _ in sorted(run_q.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)]
+
+
+def _ref_measure(qrels_q, run_q, name):
+    ranked = _ref_order(run_q)
+    rel = {d: r for d, r in qrels_q.items() if r > 0}  # unjudged and rel-0 documents gain nothing
+    base, _, k_s = name.partition("@")
+    k = int(k_s) if k_s else None
+    top = ranked[:k] if k else ranked
+    if base == "nDCG":
+        dcg = sum(rel.get(d, 0) / math.log2(i + 2) for i, d in enumerate(top))
+        ideal = sorted(rel.values(), reverse=True)[:k] if k else sorted(rel.values(), reverse=True)
+        return dcg / sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
+    if base == "AP":  # map / map_cut: divided by every relevant document, retrieved or not
+        hits, total = 0, 0.0
+        for i, d in enumerate(top):
+            if d in rel:
+                hits += 1
+                total += hits / (i + 1)
+        return total / len(rel)
+    if base == "R":
+        return sum(d in rel for d in top) / len(rel)
+    if base == "P":
+        return sum(d in rel for d in top) / k
+    if base == "RR":
+        return next((1 / (i + 1) for i, d in enumerate(top) if d in rel), 0.0)
+    raise KeyError(name)
+
+
+ALL_MEASURES = [
+    "nDCG@10",
+    "nDCG@3",
+    "nDCG",
+    "AP",
+    "AP@100",
+    "AP@5",
+    "R@100",
+    "R@5",
+    "RR@10",
+    "RR@3",
+    "RR",
+    "P@5",
+    "P@10",
+]
+
+
+def test_first_relevant_past_cutoff():
+    """The issue's case: the only relevant document retrieved is at rank 19; RR@10 must be 0, RR 1/19."""
+    qrels = {"q1": {"d1": 1, "d19": 1}}
+    run = {"q1": {f"d{i}": 100.0 - i for i in range(2, 40)}}  # d2..d39: d19 is 18th
+    run["q1"]["d0"] = 1000.0  # d0 unjudged at rank 1, so d19 sits at rank 19
+    got = evaluate(qrels, run, ["RR@10", "RR@5", "RR", "nDCG@10", "R@100"])
+    assert got["RR@10"] == 0.0
+    assert got["RR@5"] == 0.0
+    assert got["RR"] == pytest.approx(1 / 19)
+    assert got["nDCG@10"] == 0.0
+    assert got["R@100"] == pytest.approx(0.5)
+    # Each alone as well (the provider's bug depended on which measures came in the same call).
+    assert evaluate(qrels, run, ["RR@10"])["RR@10"] == 0.0
+
+
+@pytest.mark.parametrize("combo", [ALL_MEASURES, *[[m] for m in ALL_MEASURES], ["RR@10", "RR@3"]])
+def test_every_measure_matches_textbook_reference(combo):
+    """Random runs with score ties, unjudged documents, graded relevance and relevant documents past every cutoff."""
+    import random
+
+    rng = random.Random(0)
+    qrels, run = {}, {}
+    for qi in range(60):
+        q = f"q{qi}"
+        docs = [f"d{j}" for j in range(40)]
+        qrels[q] = {d: rng.choice([0, 0, 1, 2]) for d in rng.sample(docs, 8)}
+        if not any(v > 0 for v in qrels[q].values()):
+            qrels[q][docs[0]] = 1
+        # Integer scores from a small range: many ties; 5-30 of 40 documents retrieved, most of them unjudged.
+        run[q] = {d: float(rng.randint(0, 12)) for d in rng.sample(docs, rng.randint(5, 30))}
+    past_cutoff = [q for q in qrels if _ref_measure(qrels[q], run[q], "RR") < 1 / 10]
+    assert len(past_cutoff) >= 5  # the case the issue is about is well represented
+    pq = per_query(qrels, run, combo)
+    for name in combo:
+        for q in qrels:
+            assert pq[name][q] == pytest.approx(_ref_measure(qrels[q], run[q], name), abs=1e-12), (name, q)
