@@ -578,14 +578,17 @@ class RayCluster:
         workers: int = 1,
         cpus_per_node: int = 1,
         object_store_bytes: int = 200 * 1024**2,
+        memory_bytes: int = 3 * 1024**3,
         timeout: float = 120.0,
     ):
-        self.exe = _require("ray", "pip install 'ray[default]' (scripts/install.sh)")
+        self.exe = _require("ray", "pip install 'ray[default,train]' (scripts/install.sh)")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.workers = workers
         self.cpus_per_node = cpus_per_node
         self.object_store_bytes = object_store_bytes
+        # The memory each node offers to the scheduler: nodes sharing one host would each claim all of it.
+        self.memory_bytes = memory_bytes
         self.timeout = timeout
         # One port block per node (see port_block): its components' ports and its worker range are disjoint slices.
         self._head_block = port_block(self._BLOCK)
@@ -640,6 +643,7 @@ class RayCluster:
             "--num-cpus", str(self.cpus_per_node),
             "--num-gpus", "0",
             "--object-store-memory", str(self.object_store_bytes),
+            "--memory", str(self.memory_bytes),
             "--disable-usage-stats",
         ]  # fmt: skip
         head = [
@@ -683,16 +687,22 @@ class RayCluster:
         except (urllib.error.URLError, OSError):
             return False
 
-    def _alive_nodes(self) -> int:
+    def nodes(self) -> list[dict[str, Any]]:
+        """The raylets the dashboard knows (``nodeId``, ``state``, ``isHeadNode``, ...); [] when it does not answer."""
         import json
 
         try:
             with urllib.request.urlopen(self.dashboard_url + "/nodes?view=summary", timeout=5) as r:
                 data = json.loads(r.read())
         except (urllib.error.URLError, OSError, ValueError):
-            return 0
-        summary = data.get("data", {}).get("summary", [])
-        return sum(1 for n in summary if n.get("raylet", {}).get("state") == "ALIVE")
+            return []
+        return [n.get("raylet", {}) for n in data.get("data", {}).get("summary", [])]
+
+    def alive_node_ids(self) -> set[str]:
+        return {n["nodeId"] for n in self.nodes() if n.get("state") == "ALIVE" and "nodeId" in n}
+
+    def _alive_nodes(self) -> int:
+        return len(self.alive_node_ids())
 
     def stop(self) -> None:
         # Workers first, then the head; ``ray start --block`` tears its node down on SIGTERM, and the group kill
