@@ -30,8 +30,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+LOG_EVERY = 1
+
+
 def _overrides(out: Path, data: Path, steps: int) -> list[str]:
     return [
+        f"train.log_every={LOG_EVERY}",
         f"output_dir={out}",
         f"train.checkpoint.dir={out / 'checkpoints'}",
         f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}",
@@ -73,7 +77,12 @@ def main() -> None:
     ap.add_argument("--short", type=int, default=10)
     ap.add_argument("--long", type=int, default=40)
     ap.add_argument("--repeats", type=int, default=1, help="runs per (launcher, steps); the minimum is kept")
+    ap.add_argument(
+        "--log-every", type=int, default=1, help="train.log_every (= steps between ray.train.report)"
+    )
     args = ap.parse_args()
+    global LOG_EVERY
+    LOG_EVERY = args.log_every
     os.chdir(REPO)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
