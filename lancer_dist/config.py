@@ -36,6 +36,7 @@ __all__ = [
     "LossConfig",
     "ModelConfig",
     "ProbeConfig",
+    "RayTrainConfig",
     "RetrievalDataConfig",
     "RunConfig",
     "TrackingConfig",
@@ -214,6 +215,36 @@ class CheckpointConfig:
 
 
 @dataclass
+class RayTrainConfig:
+    """Training on a Ray cluster (``lancer submit ray``): a Ray Train ``TorchTrainer`` of ``num_workers`` workers,
+    each one rank of the same trainer. Ignored by torchrun / SLURM runs."""
+
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    # Ray placement-group strategy of the workers: PACK fills a node first (fast intra-node collectives),
+    # SPREAD prefers different nodes, STRICT_SPREAD requires one worker per node.
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Worker-group restarts Ray Train allows after a worker (or its node) dies; each restart resumes from the
+    # latest complete checkpoint (train.checkpoint.dir, which every node must see). -1 = unlimited.
+    max_failures: int = 3
+    # Where Ray Train keeps its run state (a path every node sees, or a URI pyarrow.fs accepts, s3://...);
+    # "" = <output_dir>/ray_train.
+    storage_path: str = ""
+
+    def validate(self, p: str) -> None:
+        _check(self.num_workers >= 1, f"{p}.num_workers", self.num_workers, "an integer >= 1")
+        _check(self.cpus_per_worker > 0, f"{p}.cpus_per_worker", self.cpus_per_worker, "a number > 0")
+        _check(self.gpus_per_worker >= 0, f"{p}.gpus_per_worker", self.gpus_per_worker, "a number >= 0")
+        _check(
+            self.max_failures >= -1,
+            f"{p}.max_failures",
+            self.max_failures,
+            "an integer >= -1 (-1 = unlimited)",
+        )
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100
     lr: float = 2e-5
@@ -236,6 +267,7 @@ class TrainConfig:
     dist_timeout_s: float = 1800.0
     log_every: int = 10
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ray: RayTrainConfig = field(default_factory=RayTrainConfig)
 
     def validate(self, p: str) -> None:
         _check(self.steps >= 1, f"{p}.steps", self.steps, "an integer >= 1")

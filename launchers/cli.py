@@ -2,8 +2,8 @@
 
 lancer submit slurm --config FILE --nodes N --gpus-per-node G [--partition P] [--time T] [--then eval]
                     [--dry-run] [--no-requeue] [key=value ...]
-lancer submit ray --address http://HEAD:8265 --config FILE [--verb train|encode|eval] [--nproc P] [--wait]
-                  [key=value ...]
+lancer submit ray --address http://HEAD:8265 --config FILE [--verb train|encode|eval] [--workers N]
+                  [--cpus-per-worker C] [--gpus-per-worker G] [--wait] [key=value ...]
 lancer submit ray status|logs|stop JOB_ID --address http://HEAD:8265
 """
 
@@ -112,7 +112,9 @@ def _ray(args: argparse.Namespace) -> int:
         config=args.config,
         verb=args.verb,
         overrides=pos,
-        nproc=args.nproc,
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
         num_cpus=args.num_cpus,
         num_gpus=args.num_gpus,
         working_dir=args.working_dir,
@@ -177,9 +179,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"))
     r.add_argument("--config", default=None)
     r.add_argument("--verb", choices=["train", "encode", "eval"], default="train")
-    r.add_argument("--nproc", type=int, default=1, help="training processes (torchrun --nproc_per_node)")
-    r.add_argument("--num-cpus", type=float, default=None, help="CPUs the job reserves (default: --nproc)")
-    r.add_argument("--num-gpus", type=float, default=0)
+    r.add_argument(
+        "--workers",
+        "--nproc",
+        dest="workers",
+        type=int,
+        default=None,
+        help="Ray Train workers (training ranks) = train.ray.num_workers",
+    )
+    r.add_argument("--cpus-per-worker", type=float, default=None, help="= train.ray.cpus_per_worker")
+    r.add_argument("--gpus-per-worker", type=float, default=None, help="= train.ray.gpus_per_worker")
+    r.add_argument("--num-cpus", type=float, default=0, help="CPUs the entrypoint (job driver) reserves")
+    r.add_argument("--num-gpus", type=float, default=0, help="GPUs the entrypoint (job driver) reserves")
     r.add_argument("--working-dir", default=os.getcwd(), help="packaged and shipped to the cluster")
     r.add_argument("--env", action="append", help="KEY=VALUE for the job (no secrets; repeatable)")
     r.add_argument("--python", default="python", help="Python interpreter on the Ray nodes")

@@ -1,19 +1,21 @@
-"""Ray submission through the Ray Jobs API: training (torchrun inside a Ray job), encode and eval.
+"""Ray submission through the Ray Jobs API: training (Ray Train), encode and eval.
 
-Training runs as ``python -m torch.distributed.run --standalone --nproc_per_node P -m lancer_dist.cli train ...``
-inside one Ray job whose entrypoint reserves the job's CPUs / GPUs (``entrypoint_num_cpus`` / ``entrypoint_num_gpus``)
-so Ray places it on a node that has them. Why torchrun and not Ray Train's TorchTrainer: the trainer is then the
-very same program under SLURM, torchrun and Ray - same process group set-up, same checkpoints, same preemption
-exit code, no Ray-specific code path to keep exact - and ``resume: auto`` already gives what Ray Train's
-checkpoint handling would. The cost: one node per Ray training job (multi-node training is the SLURM launcher's, or
-a torchrun per node started by the user). Encode / eval jobs use Ray inside the job themselves (``lancer encode``
-starts its own actor pool on the cluster the job runs in).
+Training: the job's entrypoint is ``python -m launchers.ray_train --config FILE ...`` (launchers/ray_train.py), a
+driver that runs a Ray Train ``TorchTrainer`` of ``train.ray.num_workers`` workers placed over the cluster's
+nodes, each one rank of the lancer trainer; a dead worker restarts the group, which resumes from the latest
+checkpoint. The driver reserves no resources (``--num-cpus`` / ``--num-gpus`` can make it); the workers reserve
+``train.ray.cpus_per_worker`` / ``gpus_per_worker`` each. ``--workers`` / ``--cpus-per-worker`` /
+``--gpus-per-worker`` are passed as those overrides. Encode / eval jobs run ``lancer encode|eval`` as the
+entrypoint; they use the Ray cluster the job runs in for their own actor pools.
+
+There is no torchrun inside a Ray job any more: it could only use the one node its entrypoint landed on, and Ray
+Train gives the same trainer, the same process group semantics and the same checkpoints on any number of nodes.
 
 The working directory is packaged (``runtime_env.working_dir``) without virtual environments, caches and run
 outputs. Relative output paths of the config would land in Ray's temporary copy of that directory, so they are
 made absolute (under the submitting directory, the shared file system) by overrides. Secrets never go into the
-job's metadata (``runtime_env.env_vars`` is visible in the dashboard): credentials belong in the environment of
-the Ray nodes.
+job's metadata (``runtime_env.env_vars`` and the entrypoint are visible in the dashboard): credentials belong in
+the environment of the Ray nodes.
 """
 
 from __future__ import annotations
@@ -67,16 +69,19 @@ class RayJob:
     config: str
     verb: str = "train"
     overrides: list[str] = field(default_factory=list)
-    # torchrun processes for training; CPUs and GPUs the entrypoint reserves.
-    nproc: int = 1
-    num_cpus: float | None = None
+    # Ray Train workers and each one's resources (train); None = train.ray from the config.
+    workers: int | None = None
+    cpus_per_worker: float | None = None
+    gpus_per_worker: float | None = None
+    # CPUs and GPUs the entrypoint (the job's driver process) reserves.
+    num_cpus: float = 0
     num_gpus: float = 0
     working_dir: str = field(default_factory=os.getcwd)
     excludes: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDES))
     env: dict[str, str] = field(default_factory=dict)
     python: str = "python"
     submission_id: str | None = None
-    # Replaces the program after ``python -m`` (for plumbing tests); default lancer_dist.cli <verb> ...
+    # Replaces the program after ``python -m`` (for plumbing tests); default: see entrypoint().
     module_args: list[str] | None = None
 
     def validate(self) -> None:
@@ -84,8 +89,12 @@ class RayJob:
 
         if self.verb not in VERBS:
             raise SubmitError("verb", self.verb, f"one of {', '.join(VERBS)}")
-        if self.nproc < 1:
-            raise SubmitError("--nproc", self.nproc, "an integer >= 1")
+        if self.workers is not None and self.workers < 1:
+            raise SubmitError("--workers", self.workers, "an integer >= 1")
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+            raise SubmitError("--cpus-per-worker", self.cpus_per_worker, "a number > 0")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise SubmitError("--gpus-per-worker", self.gpus_per_worker, "a number >= 0")
         if not Path(self.working_dir).is_dir():
             raise SubmitError("--working-dir", self.working_dir, "an existing directory")
         for item in [*self.overrides, *(f"{k}={v}" for k, v in self.env.items())]:
@@ -96,6 +105,19 @@ class RayJob:
                     "no credentials: Ray job metadata (runtime_env) is visible in the dashboard; set them in the "
                     "environment of the Ray nodes",
                 )
+
+    def all_overrides(self) -> list[str]:
+        """The user's overrides, then the flags given as ``train.ray.*`` overrides (flags win)."""
+        out = list(self.overrides)
+        if self.verb == "train":
+            for key, value in (
+                ("num_workers", self.workers),
+                ("cpus_per_worker", self.cpus_per_worker),
+                ("gpus_per_worker", self.gpus_per_worker),
+            ):
+                if value is not None:
+                    out.append(f"train.ray.{key}={value}")
+        return out
 
 
 def _config_rel(job: RayJob) -> str:
@@ -112,7 +134,7 @@ def _absolute_outputs(job: RayJob) -> list[str]:
     """Overrides that pin the config's relative output paths to the submitting directory (see module doc)."""
     from lancer_dist.config import load_config
 
-    cfg = load_config(job.config, job.overrides)
+    cfg = load_config(job.config, job.all_overrides())
     wd = Path(job.working_dir).resolve()
     given = {o.split("=", 1)[0] for o in job.overrides}
     out = []
@@ -124,24 +146,21 @@ def _absolute_outputs(job: RayJob) -> list[str]:
 
 def entrypoint(job: RayJob) -> str:
     job.validate()
-    if job.module_args is not None:
-        prog = list(job.module_args)
-    else:
-        prog = [
-            "lancer_dist.cli",
-            job.verb,
-            "--config",
-            _config_rel(job),
-            *job.overrides,
-            *_absolute_outputs(job),
-        ]
     py = shlex.quote(job.python)
+    if job.module_args is not None:
+        return f"{py} -m {shlex.join(job.module_args)}"
+    args = ["--config", _config_rel(job), *job.all_overrides(), *_absolute_outputs(job)]
     if job.verb == "train":
-        # --standalone: a private rendezvous on a free local port, so concurrent jobs on one node never clash;
-        # launchers.local_torchrun keeps its stores on 127.0.0.1 (torchrun's own listen on every interface).
-        launcher = f"{py} -m launchers.local_torchrun --standalone --nproc_per_node={job.nproc}"
-        return f"{launcher} -m {shlex.join(prog)}"
-    return f"{py} -m {shlex.join(prog)}"
+        return f"{py} -m {shlex.join(['launchers.ray_train', *args])}"
+    return f"{py} -m {shlex.join(['lancer_dist.cli', job.verb, *args])}"
+
+
+def _gpus_used(job: RayJob) -> float:
+    if job.verb != "train":
+        return job.num_gpus
+    from lancer_dist.config import load_config
+
+    return job.num_gpus + load_config(job.config, job.all_overrides()).train.ray.gpus_per_worker
 
 
 def runtime_env(job: RayJob) -> dict[str, Any]:
@@ -152,7 +171,8 @@ def runtime_env(job: RayJob) -> dict[str, Any]:
         "LANCER_CACHE": str(cache_dir().resolve()),
         "PYTHONUNBUFFERED": "1",
     }
-    if job.num_gpus == 0:
+    if _gpus_used(job) == 0:
+        # CPU training and its process group are gloo; nothing may pick up a GPU by accident.
         env["CUDA_VISIBLE_DEVICES"] = ""
         env["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")
     env.update(job.env)
@@ -179,9 +199,8 @@ def submit(address: str, job: RayJob) -> str:
         "runtime_env": runtime_env(job),
         "metadata": {"lancer_verb": job.verb, "lancer_config": _config_rel(job)},
     }
-    cpus = job.num_cpus if job.num_cpus is not None else float(job.nproc if job.verb == "train" else 0)
-    if cpus:
-        kwargs["entrypoint_num_cpus"] = cpus
+    if job.num_cpus:
+        kwargs["entrypoint_num_cpus"] = job.num_cpus
     if job.num_gpus:
         kwargs["entrypoint_num_gpus"] = job.num_gpus
     if job.submission_id:

@@ -43,6 +43,7 @@ __all__ = [
     "free_port",
     "free_ports",
     "mlflow_server",
+    "port_block",
     "ray_cluster",
     "slurm_cluster",
     "stop_process_group",
@@ -67,6 +68,60 @@ def free_port() -> int:
 
 def free_ports(n: int) -> list[int]:
     return [free_port() for _ in range(n)]
+
+
+# Fixed-port servers (Ray's nodes) take their ports from blocks BELOW the kernel's ephemeral range and ABOVE Ray's
+# default worker range: the kernel never hands a port of such a block to a bind(0) or an outgoing connection (so
+# ``free_port()`` and every client socket on the host stay out of it), and a local ``ray.init()`` elsewhere on the
+# host (workers on 10002-19999 by default) never lands in it either.
+_RAY_DEFAULT_WORKER_PORTS = (10002, 19999)
+_BLOCKS: list[range] = []
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("0.0.0.0", port))  # Ray binds its node address, or all addresses
+        except OSError:
+            return False
+    return True
+
+
+def port_block(n: int, rng: Any = None) -> range:
+    """``n`` consecutive ports, all free now, outside the ephemeral range and Ray's default worker range, and
+    disjoint from every block this process handed out before. Callers split a block between the components of
+    one server, so the ports they pass are distinct by construction (no two components, and no worker range,
+    can collide).
+    """
+    import random
+
+    rng = rng or random.SystemRandom()
+    eph_lo, eph_hi = _ephemeral_range()
+    lo = max(1024, _RAY_DEFAULT_WORKER_PORTS[1] + 1)
+    # Usable windows: between Ray's default worker range and the ephemeral range, and above the ephemeral range.
+    windows = [(lo, eph_lo - 1), (eph_hi + 1, 65535)]
+    windows = [(a, b) for a, b in windows if b - a + 1 >= n]
+    if not windows:
+        raise RuntimeError(f"no port window of {n} ports outside the ephemeral range {eph_lo}-{eph_hi}")
+    for _ in range(200):
+        a, b = rng.choice(windows)
+        start = rng.randrange(a, b - n + 2)
+        block = range(start, start + n)
+        if any(block.start < g.stop and g.start < block.stop for g in _BLOCKS):
+            continue
+        if all(_bindable(p) for p in block):
+            _BLOCKS.append(block)
+            return block
+    raise RuntimeError(f"no free block of {n} ports found")
 
 
 def _which(name: str) -> str | None:
@@ -504,7 +559,11 @@ def _user() -> str:
 
 
 class RayCluster:
-    """A Ray head (``ray start --head --block``) plus ``workers`` worker nodes on this host, all ports picked free.
+    """A Ray head (``ray start --head --block``) plus ``workers`` worker nodes on this host.
+
+    Ports: every node gets its own block from ``port_block`` (outside the kernel's ephemeral range and Ray's default
+    worker range, free when picked); its component ports and its ``--min/--max-worker-port`` range are disjoint
+    slices of it, so no two components of a node, no two nodes, and no ``free_port()`` elsewhere can collide.
 
     Ray binds its GCS and raylets to the host's address (it rewrites 127.0.0.1 on purpose); ``.address`` gives it.
     Authentication is disabled (``RAY_AUTH_MODE=disabled``: a local test cluster bound to 127.0.0.1); the dashboard
@@ -519,17 +578,21 @@ class RayCluster:
         workers: int = 1,
         cpus_per_node: int = 1,
         object_store_bytes: int = 200 * 1024**2,
+        memory_bytes: int = 3 * 1024**3,
         timeout: float = 120.0,
     ):
-        self.exe = _require("ray", "pip install 'ray[default]' (scripts/install.sh)")
+        self.exe = _require("ray", "pip install 'ray[default,train]' (scripts/install.sh)")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.workers = workers
         self.cpus_per_node = cpus_per_node
         self.object_store_bytes = object_store_bytes
+        # The memory each node offers to the scheduler: nodes sharing one host would each claim all of it.
+        self.memory_bytes = memory_bytes
         self.timeout = timeout
-        self.gcs_port = free_port()
-        self.dashboard_port = free_port()
+        # One port block per node (see port_block): its components' ports and its worker range are disjoint slices.
+        self._head_block = port_block(self._BLOCK)
+        self.gcs_port, self.dashboard_port, self.client_server_port = self._head_block[6:9]
         self.tmpdir = Path(tempfile.mkdtemp(prefix="lray", dir="/tmp"))
         self.procs: list[subprocess.Popen[Any]] = []
         self.env = dict(
@@ -557,19 +620,21 @@ class RayCluster:
         """The Jobs API address (for ``JobSubmissionClient`` and ``lancer submit ray --address``)."""
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def _node_ports(self) -> list[str]:
-        # Every port a node listens on, chosen free, so two nodes (and two test runs) on one host never clash.
-        p = free_ports(7)
-        lo = free_port()
+    # Per node: 6 component ports, 3 more on the head (GCS, dashboard, client server), then the worker range (one
+    # port per worker process alive at a time; Ray returns a port to its pool when the worker exits).
+    WORKER_PORTS = 100
+    _BLOCK = 9 + WORKER_PORTS
+
+    @staticmethod
+    def _node_ports(block: range) -> list[str]:
         return [
-            "--node-manager-port", str(p[0]),
-            "--object-manager-port", str(p[1]),
-            "--dashboard-agent-listen-port", str(p[2]),
-            "--dashboard-agent-grpc-port", str(p[3]),
-            "--metrics-export-port", str(p[4]),
-            "--runtime-env-agent-port", str(p[5]),
-            # Worker processes take ports from this range; a narrow range picked around a free port.
-            "--min-worker-port", str(lo), "--max-worker-port", str(min(lo + 200, 65535)),
+            "--node-manager-port", str(block[0]),
+            "--object-manager-port", str(block[1]),
+            "--dashboard-agent-listen-port", str(block[2]),
+            "--dashboard-agent-grpc-port", str(block[3]),
+            "--metrics-export-port", str(block[4]),
+            "--runtime-env-agent-port", str(block[5]),
+            "--min-worker-port", str(block[9]), "--max-worker-port", str(block[-1]),
         ]  # fmt: skip
 
     def start(self) -> RayCluster:
@@ -578,22 +643,24 @@ class RayCluster:
             "--num-cpus", str(self.cpus_per_node),
             "--num-gpus", "0",
             "--object-store-memory", str(self.object_store_bytes),
+            "--memory", str(self.memory_bytes),
             "--disable-usage-stats",
         ]  # fmt: skip
         head = [
             self.exe, "start", "--head",
             "--port", str(self.gcs_port),
-            "--ray-client-server-port", str(free_port()),
+            "--ray-client-server-port", str(self.client_server_port),
             "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(self.dashboard_port),
             "--include-dashboard", "true",
-            *common, *self._node_ports(),
+            *common, *self._node_ports(self._head_block),
         ]  # fmt: skip
         try:
             self.procs.append(_start(head, self.root / "ray-head.log", env=self.env))
             self._wait(lambda: self._dashboard_up(), "Ray dashboard")
             for i in range(self.workers):
-                cmd = [self.exe, "start", "--address", self.address, *common, *self._node_ports()]
+                block = port_block(self._BLOCK)
+                cmd = [self.exe, "start", "--address", self.address, *common, *self._node_ports(block)]
                 self.procs.append(_start(cmd, self.root / f"ray-worker{i + 1}.log", env=self.env))
             self._wait(lambda: self._alive_nodes() >= 1 + self.workers, f"{1 + self.workers} Ray nodes")
         except BaseException:
@@ -620,16 +687,22 @@ class RayCluster:
         except (urllib.error.URLError, OSError):
             return False
 
-    def _alive_nodes(self) -> int:
+    def nodes(self) -> list[dict[str, Any]]:
+        """The raylets the dashboard knows (``nodeId``, ``state``, ``isHeadNode``, ...); [] when it does not answer."""
         import json
 
         try:
             with urllib.request.urlopen(self.dashboard_url + "/nodes?view=summary", timeout=5) as r:
                 data = json.loads(r.read())
         except (urllib.error.URLError, OSError, ValueError):
-            return 0
-        summary = data.get("data", {}).get("summary", [])
-        return sum(1 for n in summary if n.get("raylet", {}).get("state") == "ALIVE")
+            return []
+        return [n.get("raylet", {}) for n in data.get("data", {}).get("summary", [])]
+
+    def alive_node_ids(self) -> set[str]:
+        return {n["nodeId"] for n in self.nodes() if n.get("state") == "ALIVE" and "nodeId" in n}
+
+    def _alive_nodes(self) -> int:
+        return len(self.alive_node_ids())
 
     def stop(self) -> None:
         # Workers first, then the head; ``ray start --block`` tears its node down on SIGTERM, and the group kill

@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,11 @@ class Preemption:
         self._stop_watch = threading.Event()
 
     def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            # Ray Train runs the training function in a thread of its worker actor; Python delivers signals to the
+            # main thread only (and refuses handlers elsewhere). Ray stops and restarts its workers itself.
+            log.info("not the main thread: no SIGTERM/SIGUSR1 checkpoint handler")
+            return
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             self._previous[sig] = signal.signal(sig, self._handle)
         path = os.environ.get(PREEMPT_FILE_ENV)
@@ -179,10 +185,16 @@ def _encode_chunk(model: Any, ids: Tensor, mask: Tensor, is_query: bool) -> Tens
     return p
 
 
+# Called on every rank with (step, metrics) each time the step metrics are logged; under Ray Train it forwards them
+# to ray.train.report (every rank must call that). The trainer knows nothing of the launcher.
+LogHook = Callable[[int, dict[str, float]], None]
+
+
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, on_log: LogHook | None = None):
         check_launch_config(cfg)
         self.cfg = cfg
+        self.on_log = on_log
         self.accelerator = build_accelerator(cfg)
         # The one device decision: the accelerator's. Batches are moved there in train_step.
         self.device: torch.device = self.accelerator.device
@@ -598,6 +610,8 @@ class Trainer:
                         {k: v for k, v in metrics.items() if k != "step"}, step=self.step
                     )
                     log.info("step %d %s", self.step, _fmt(metrics))
+                    if self.on_log is not None:
+                        self.on_log(self.step, metrics)
                 if self.step % cfg.probe.every == 0 or self.step == cfg.train.steps:
                     self.run_probe()
                 every = cfg.train.checkpoint.every
@@ -686,6 +700,7 @@ def _setup_logging(rank: int) -> None:
         root.setLevel(logging.INFO)
 
 
-def train(cfg: RunConfig) -> TrainResult:
-    """Run (or resume) a training job described by ``cfg`` in this process (one rank of a torchrun job)."""
-    return Trainer(cfg).train()
+def train(cfg: RunConfig, on_log: LogHook | None = None) -> TrainResult:
+    """Run (or resume) a training job described by ``cfg`` in this process (one rank of a torchrun job, or one
+    Ray Train worker: the process group then exists already, and Accelerate joins it)."""
+    return Trainer(cfg, on_log=on_log).train()

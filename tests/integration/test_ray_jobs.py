@@ -1,9 +1,9 @@
 """``lancer submit ray`` against a real 2-node Ray cluster (head + worker on this host) through the Ray Jobs API.
 
-* training: torchrun with 2 ranks inside a Ray job, the working directory packaged (no .venv/.cache/runs), on the
-  tiny config and the offline Bible data; it leaves checkpoints, a final model and an MLflow run;
-  ``lancer submit ray status|logs`` report on it;
-* a long job is stopped with ``lancer submit ray stop``;
+* training: Ray Train with 2 workers (``--workers 2 --cpus-per-worker 1``) in a Ray job, the working directory
+  packaged (no .venv/.cache/runs), on the tiny config and the offline Bible data; it leaves checkpoints, a final
+  model and an MLflow run; ``lancer submit ray status|logs`` report on it;
+* a long training job is stopped with ``lancer submit ray stop``: the job and its Ray Train workers end;
 * evaluation: ``lancer eval`` as a Ray job on the trained model (skips while the eval verb is not in this build).
 
 Skips when Ray is not installed.
@@ -60,11 +60,11 @@ def _data_overrides(run: Path, model_dir: Path, bible: Path) -> list[str]:
 def trained(
     ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory, e5_small_model_dir, bible_data
 ):
-    """A Ray training job (2 torchrun ranks) run to completion; returns (job id, run dir)."""
+    """A Ray training job (2 Ray Train workers) run to completion; returns (job id, run dir)."""
     run = tmp_path_factory.mktemp("ray-train") / "run"
     r = _lancer(
         "submit", "ray", "--address", ray_cluster.dashboard_url, "--config", "configs/tiny.yaml",
-        "--nproc", "2", "--num-cpus", "1", "--wait",
+        "--workers", "2", "--cpus-per-worker", "1", "--wait",
         f"train.steps={STEPS}", "train.checkpoint.every=2", *_data_overrides(run, e5_small_model_dir, bible_data),
     )  # fmt: skip
     m = re.search(r"submitted train: Ray job (\S+)", r.stdout)
@@ -85,8 +85,9 @@ def test_ray_training_job(ray_cluster: RayCluster, trained: tuple[str, Path]):
     assert r.returncode == 0 and r.stdout.strip() == "SUCCEEDED", r.stdout + r.stderr
     r = _lancer("submit", "ray", "logs", job_id, "--address", ray_cluster.dashboard_url)
     assert r.returncode == 0
-    # Two ranks ran (torchrun inside the job) and the code came from the packaged working directory.
+    # Two ranks ran (Ray Train workers) and the code came from the packaged working directory.
     assert "[rank1]" in r.stdout and "final model" in r.stdout, r.stdout[-3000:]
+    assert "Ray Train worker rank 1/2" in r.stdout, r.stdout[-3000:]
     info = ray_jobs.client(ray_cluster.dashboard_url).get_job_info(job_id)
     assert info.runtime_env["working_dir"].startswith(("gcs://", "_ray_pkg")), info.runtime_env
 
@@ -102,20 +103,41 @@ def test_ray_training_job(ray_cluster: RayCluster, trained: tuple[str, Path]):
 
 def test_ray_stop(ray_cluster: RayCluster, tmp_path: Path, e5_small_model_dir, bible_data):
     run = tmp_path / "run"
+    from ray.util.state import list_actors
+
     job = ray_jobs.RayJob(
         config=str(REPO / "configs/tiny.yaml"),
-        nproc=1,
-        num_cpus=1,
+        workers=1,
+        cpus_per_worker=1,
         working_dir=str(REPO),
         overrides=["train.steps=100000", *_data_overrides(run, e5_small_model_dir, bible_data)],
     )
     job_id = ray_jobs.submit(ray_cluster.dashboard_url, job)
-    deadline = time.monotonic() + 120
-    while ray_jobs.job_status(ray_cluster.dashboard_url, job_id) == "PENDING" and time.monotonic() < deadline:
+    deadline = time.monotonic() + 300
+    while not (ray_job := ray_jobs.client(ray_cluster.dashboard_url).get_job_info(job_id).job_id):
+        assert time.monotonic() < deadline, "the job's driver never started"
+        time.sleep(0.5)  # the Ray job id is known once the driver runs
+
+    def workers(state: str) -> list:
+        actors = list_actors(
+            address=ray_cluster.dashboard_url,
+            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", state)],
+            raise_on_missing_output=False,
+        )
+        return [a for a in actors if a.job_id == ray_job]
+
+    deadline = time.monotonic() + 300
+    while not workers("ALIVE"):  # the training worker runs
+        assert ray_jobs.job_status(ray_cluster.dashboard_url, job_id) not in ray_jobs.TERMINAL
+        assert time.monotonic() < deadline, "no Ray Train worker started"
         time.sleep(0.5)
     r = _lancer("submit", "ray", "stop", job_id, "--address", ray_cluster.dashboard_url)
     assert r.returncode == 0 and r.stdout.strip() == "stopped", r.stdout + r.stderr
     assert ray_jobs.wait(ray_cluster.dashboard_url, job_id, timeout=120) == "STOPPED"
+    deadline = time.monotonic() + 60
+    while workers("ALIVE") and time.monotonic() < deadline:  # the job's workers go with it
+        time.sleep(0.5)
+    assert not workers("ALIVE")
 
 
 def test_ray_eval_job(ray_cluster: RayCluster, trained: tuple[str, Path], bible_data: Path):

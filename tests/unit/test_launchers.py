@@ -185,12 +185,13 @@ def test_cli_rejects_a_bad_config_before_submitting():
 
 
 def test_ray_entrypoint_and_runtime_env(tmp_path: Path):
-    job = RayJob(config=CFG, nproc=2, overrides=["train.steps=3"], working_dir=str(REPO))
+    job = RayJob(config=CFG, workers=2, cpus_per_worker=1, overrides=["train.steps=3"], working_dir=str(REPO))
     ep = entrypoint(job)
-    assert ep.startswith(
-        "python -m launchers.local_torchrun --standalone --nproc_per_node=2 -m lancer_dist.cli train"
-    )
-    assert "--config configs/tiny.yaml train.steps=3" in ep  # relative to the packaged working dir
+    # Training is a Ray Train driver; no torchrun inside the job.
+    assert ep.startswith("python -m launchers.ray_train --config configs/tiny.yaml train.steps=3")
+    assert "torch.distributed.run" not in ep
+    # The flags become train.ray overrides, after the user's (flags win).
+    assert "train.ray.num_workers=2 train.ray.cpus_per_worker=1" in ep
     cfg = yaml.safe_load(Path(CFG).read_text())
     # Relative outputs are pinned to the submitting directory (Ray's copy of the working dir is temporary).
     assert f"output_dir={REPO / cfg['output_dir']}" in ep
@@ -201,17 +202,49 @@ def test_ray_entrypoint_and_runtime_env(tmp_path: Path):
     assert {".venv", ".cache", "runs"} <= set(env["excludes"])
     assert Path(env["env_vars"]["LANCER_CACHE"]).is_absolute()
     assert env["env_vars"]["CUDA_VISIBLE_DEVICES"] == ""
+    # GPU workers: the GPUs stay visible (Ray assigns each worker its own).
+    gpu = RayJob(config=CFG, gpus_per_worker=1, working_dir=str(REPO))
+    assert "CUDA_VISIBLE_DEVICES" not in runtime_env(gpu)["env_vars"]
+    assert "train.ray.gpus_per_worker=1" in entrypoint(gpu)
 
-    ev = entrypoint(RayJob(config=CFG, verb="eval", working_dir=str(REPO)))
+    ev = entrypoint(RayJob(config=CFG, verb="eval", workers=3, working_dir=str(REPO)))
     assert ev.startswith("python -m lancer_dist.cli eval --config configs/tiny.yaml")
-    assert "torch.distributed.run" not in ev
+    assert "torch.distributed.run" not in ev and "train.ray" not in ev
+
+
+def test_ray_train_driver_builds_the_trainer_from_the_config(tmp_path: Path):
+    pytest.importorskip("ray.train")
+    from launchers.ray_train import build_trainer, main
+
+    out = tmp_path / "run"
+    trainer = build_trainer(
+        CFG,
+        [
+            f"output_dir={out}",
+            f"train.checkpoint.dir={out / 'ckpt'}",
+            "train.ray.num_workers=3",
+            "train.ray.cpus_per_worker=2",
+            "train.ray.gpus_per_worker=0.5",
+            "train.ray.placement=STRICT_SPREAD",
+            "train.ray.max_failures=4",
+        ],
+    )
+    sc, rc = trainer.scaling_config, trainer.run_config
+    assert sc.num_workers == 3 and sc.use_gpu and sc.placement_strategy == "STRICT_SPREAD"
+    assert sc.resources_per_worker == {"CPU": 2.0, "GPU": 0.5}
+    assert rc.failure_config.max_failures == 4
+    assert rc.storage_path == str(out / "ray_train") and rc.name == "tiny"
+    # Workers on other nodes must find the checkpoints: relative output paths are refused before Ray starts.
+    assert main(["--config", CFG, "output_dir=runs/x"]) == 2
 
 
 def test_ray_job_validation(tmp_path: Path):
     with pytest.raises(SubmitError, match="verb"):
         RayJob(config=CFG, verb="search").validate()
-    with pytest.raises(SubmitError, match="--nproc"):
-        RayJob(config=CFG, nproc=0).validate()
+    with pytest.raises(SubmitError, match="--workers"):
+        RayJob(config=CFG, workers=0).validate()
+    with pytest.raises(SubmitError, match="--cpus-per-worker"):
+        RayJob(config=CFG, cpus_per_worker=0).validate()
     with pytest.raises(SubmitError, match="--working-dir"):
         RayJob(config=CFG, working_dir=str(tmp_path / "missing")).validate()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launchers.ray_jobs import RayJob, entrypoint
 from launchers.slurm import SlurmJob, render_train_script
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,8 +18,3 @@ def test_single_node_slurm_script_binds_loopback() -> None:
     two = render_train_script(SlurmJob(config=CFG, nodes=2, workdir=str(REPO)), "tiny")
     assert "-m torch.distributed.run --nnodes=2" in two and '--rdzv_endpoint="$HEAD_ADDR:$RDZV_PORT"' in two
     assert "local_torchrun" not in two
-
-
-def test_ray_training_entrypoint_binds_loopback() -> None:
-    ep = entrypoint(RayJob(config=CFG, nproc=2, working_dir=str(REPO)))
-    assert " -m launchers.local_torchrun --standalone " in ep and "torch.distributed.run" not in ep
