@@ -359,7 +359,8 @@ class EvalConfig:
     shard_size: int = 20000
     top_k: int = 100
     batch_size: int = 64
-    # Ray encoding actors: 0 = one per GPU, or (no GPU) one per cpus_per_worker CPUs.
+    # Ray encoding actors: 0 = one per GPU, or (no GPU) one per cpus_per_worker CPUs. cpus_per_worker = torch
+    # threads (and Ray CPUs) per actor; 0 = the cluster's CPUs / num_workers (1 when num_workers is also 0).
     num_workers: int = 0
     cpus_per_worker: int = 1
     # "" = $RAY_ADDRESS or a new local Ray instance; "auto" or host:port joins a cluster.
@@ -389,7 +390,12 @@ class EvalConfig:
         _check(self.top_k >= 1, f"{p}.top_k", self.top_k, "an integer >= 1")
         _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "an integer >= 1")
         _check(self.num_workers >= 0, f"{p}.num_workers", self.num_workers, "an integer >= 0 (0 = auto)")
-        _check(self.cpus_per_worker >= 1, f"{p}.cpus_per_worker", self.cpus_per_worker, "an integer >= 1")
+        _check(
+            self.cpus_per_worker >= 0,
+            f"{p}.cpus_per_worker",
+            self.cpus_per_worker,
+            "an integer >= 0 (0 = the CPUs split evenly over num_workers)",
+        )
         _check(self.lsar_rank >= 0, f"{p}.lsar_rank", self.lsar_rank, "an integer >= 0")
         _check(all(k > 0 for k in self.recall_kt), f"{p}.recall_kt", self.recall_kt, "a list of integers > 0")
         _check(self.posthoc_max_passages >= 2, f"{p}.posthoc_max_passages", self.posthoc_max_passages, ">= 2")

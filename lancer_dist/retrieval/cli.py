@@ -84,7 +84,7 @@ def _search(args: argparse.Namespace) -> int:
             ev.index_spec(),
             parallel=ev.search_parallel,
             threads=ev.search_threads,
-            cpus_per_task=ev.cpus_per_worker,
+            cpus_per_task=max(1, ev.cpus_per_worker),
             block=ev.search_block,
             seed=ev.seed,
         )

@@ -176,7 +176,7 @@ def index_recall(
         transform=transform,
         parallel=ev.search_parallel,
         threads=ev.search_threads,
-        cpus_per_task=ev.cpus_per_worker,
+        cpus_per_task=max(1, ev.cpus_per_worker),
         block=ev.search_block,
     )
     return topk_recall(sr.positions[rows], exact.positions)
@@ -298,7 +298,7 @@ def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] =
                     transform=tf,
                     parallel=ev.search_parallel,
                     threads=ev.search_threads,
-                    cpus_per_task=ev.cpus_per_worker,
+                    cpus_per_task=max(1, ev.cpus_per_worker),
                     block=ev.search_block,
                     seed=ev.seed,
                 )
