@@ -258,3 +258,19 @@ def test_untrainable_index_names_the_field(tmp_path):
         )
     with pytest.raises(ValueError, match=r"eval\.index\.pq_m"):
         search_store(tmp_path, np.ones((2, 8), np.float32), 3, IndexConfig(kind="ivf_pq", nlist=2, pq_m=3))
+
+
+def test_eval_index_recall_on_a_query_sample(tmp_path):
+    """What ``lancer eval`` logs: recall@top_k of the approximate run on ``recall_queries`` sampled queries."""
+    from lancer_dist.config import EvalConfig, IndexConfig
+    from lancer_dist.retrieval.evaluate import index_recall
+
+    q, p = _clustered(10)
+    write_store(tmp_path, p, [str(i) for i in range(len(p))], shard_size=1500)
+    ev = EvalConfig(top_k=20, index=IndexConfig(kind="ivf_flat", nlist=16, nprobe=1, recall_queries=12))
+    sr = search_store(tmp_path, q, ev.top_k, ev.index_spec())
+    got = index_recall(tmp_path, q, sr, ev, None)
+    rows = np.sort(np.random.default_rng(ev.seed).choice(len(q), 12, replace=False))
+    assert got == pytest.approx(_numpy_recall(sr.positions[rows], q[rows], p, 20), abs=1e-12)
+    assert got is not None and got < 1.0
+    assert index_recall(tmp_path, q, sr, EvalConfig(top_k=20), None) is None  # exact index: nothing to report
