@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument(
         "--rss-config", default="2x1", help="configuration run at every size (the others: smallest)"
     )
-    ap.add_argument("--shard-size", type=int, default=2000)
+    ap.add_argument("--shard-size", type=int, default=250)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--work", default="")
     ap.add_argument("--_child", nargs=4, default=None)
