@@ -222,6 +222,11 @@ def build_shard_index(
     except RuntimeError as e:
         raise ValueError(f"{field}: {factory!r} is not a valid FAISS index_factory string ({e})") from e
     train_sample = 100000 if isinstance(index, str) else index.train_sample
+    inner: Any = faiss.downcast_index(idx)
+    if getattr(inner, "do_polysemous_training", False):
+        # Polysemous codes (Hamming pre-filtering) are never used by these searches, and training them is ~10x
+        # the cost of the PQ itself; FAISS turns it on by default for PQ indexes.
+        inner.do_polysemous_training = False
     if not idx.is_trained:
         mm = np.load(path, mmap_mode="r", allow_pickle=False)
         rows = (
@@ -241,7 +246,7 @@ def build_shard_index(
             ) from e
         del x
     if not isinstance(index, str) and index.kind == "hnsw":
-        faiss.downcast_index(idx).hnsw.efConstruction = index.ef_construction  # type: ignore[attr-defined]
+        inner.hnsw.efConstruction = index.ef_construction
     if use_gpu is None:
         use_gpu = _gpu_available()
     if use_gpu:
