@@ -1,14 +1,17 @@
-"""``lancer search``: one FAISS index per embedding shard, shards searched in parallel (Ray), exact top-k merge.
+"""``lancer search``: exact or approximate search over the shards of an embedding store, exact top-k merge.
 
 Scores are inner products. Ranking order is total: score descending, then corpus position ascending, so results
 are deterministic under ties. FAISS does not promise which of several tied documents it keeps at the k-th place,
-so each shard asks for ``k + 1`` neighbours and, for the queries whose last returned score still ties their k-th,
-doubles its request: each shard's list is then exactly its top-k in the total order, and the merge (a pure function) of per-shard top-k
-lists is exactly the global top-k. For ``Flat`` indexes this equals brute force over the whole corpus.
+so each index is asked for ``k + 1`` neighbours and, for the queries whose last returned score still ties their k-th,
+doubles its request: each list is then exactly its top-k in the total order, and the merge (a pure function) of
+the lists is exactly the global top-k. For exact search this equals brute force over the whole corpus.
 
-Index types come from ``faiss.index_factory`` strings (``Flat``, ``IVF256,Flat``, ``HNSW32``, ``PQ16``,
-``IVF256,PQ16`` ...), built per shard with ``METRIC_INNER_PRODUCT`` and trained on that shard's embeddings. With
-faiss-gpu installed and a GPU visible, indexes are moved to the GPU (``index_cpu_to_all_gpus``).
+Exact search (``IndexConfig(kind="flat")`` / ``"Flat"``) memory-maps each shard block by block, so memory stays a
+few blocks whatever the corpus size; blocks are searched by a thread pool (FAISS releases the GIL). Approximate
+indexes (``IndexConfig`` ivf_flat / ivf_pq / hnsw, or any ``faiss.index_factory`` string) are built per shard with
+``METRIC_INNER_PRODUCT``, trained on a random sample of the shard, filled block by block. Across nodes, groups of
+shards run as Ray tasks (``parallel="ray"``). With faiss-gpu installed and a GPU visible, approximate shard indexes
+are moved to the GPU (``index_cpu_to_all_gpus``).
 """
 
 from __future__ import annotations
