@@ -121,9 +121,11 @@ def bench_search(args: argparse.Namespace, work: Path) -> dict[str, float]:
         _temp_dir=tempfile.mkdtemp(prefix="lray", dir="/tmp"),
     )
     try:
-        search_store(work / "store", q[:2], args.k, parallel="ray")  # warm the task workers (imports)
+        # one task per shard (the default on one node would be one task for all shards)
+        kw = {"parallel": "ray", "ray_tasks": args.search_shards}
+        search_store(work / "store", q[:2], args.k, **kw)  # warm the task workers (imports)
         t0 = time.perf_counter()
-        par = search_store(work / "store", q, args.k, parallel="ray")
+        par = search_store(work / "store", q, args.k, **kw)
         out["sharded_ray_s"] = time.perf_counter() - t0
     finally:
         ray.shutdown()

@@ -33,6 +33,7 @@ __all__ = [
     "DataConfig",
     "ErasureDataConfig",
     "EvalConfig",
+    "IndexConfig",
     "LossConfig",
     "ModelConfig",
     "ProbeConfig",
@@ -359,6 +360,51 @@ def tracking_uri_ok(uri: str) -> bool:
 
 
 @dataclass
+class IndexConfig:
+    """The FAISS index of each embedding shard (``eval.index``): exact ``flat`` (default) or an approximate index
+    trained on a sample of the shard. ``lancer eval`` reports recall@top_k of an approximate index against exact
+    search on ``recall_queries`` sampled queries, so the trade is visible next to the metrics."""
+
+    # flat: exact inner product (memory-mapped, searched in blocks); ivf_flat / ivf_pq / hnsw: approximate.
+    kind: Literal["flat", "ivf_flat", "ivf_pq", "hnsw"] = "flat"
+    nlist: int = 1024  # IVF: coarse cells (each shard needs >= nlist training vectors; ~sqrt(rows) to 4*sqrt)
+    nprobe: int = 16  # IVF: cells visited per query
+    pq_m: int = 48  # IVF-PQ: sub-quantizers (must divide the embedding dimension)
+    pq_nbits: int = 8  # IVF-PQ: bits per sub-quantizer code
+    hnsw_m: int = 32  # HNSW: neighbours per node
+    ef_construction: int = 80  # HNSW: candidate list while building
+    ef_search: int = 128  # HNSW: candidate list while searching (FAISS uses max(ef_search, k))
+    train_sample: int = 100000  # vectors per shard the quantizers are trained on (random sample, eval.seed)
+    recall_queries: int = 200  # queries sampled to measure recall@k against exact search; 0 = not measured
+
+    def validate(self, p: str) -> None:
+        for name in ("nlist", "nprobe", "pq_m", "hnsw_m", "ef_construction", "ef_search", "train_sample"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 1, f"{p}.{name}", v, "an integer >= 1")
+        _check(self.pq_nbits in range(1, 17), f"{p}.pq_nbits", self.pq_nbits, "an integer in 1..16")
+        _check(self.nprobe <= self.nlist, f"{p}.nprobe", self.nprobe, f"an integer <= nlist ({self.nlist})")
+        _check(self.recall_queries >= 0, f"{p}.recall_queries", self.recall_queries, "an integer >= 0")
+        if self.kind == "ivf_pq":
+            _check(
+                (self.pq_nbits * self.pq_m) <= 8 * 1024,
+                f"{p}.pq_m",
+                self.pq_m,
+                "at most 8192 / pq_nbits sub-quantizers",
+            )
+
+    def factory(self, dim: int) -> str:
+        """The ``faiss.index_factory`` string of this index for ``dim``-dimensional embeddings."""
+        if self.kind == "ivf_pq" and dim % self.pq_m:
+            raise ValueError(f"eval.index.pq_m: {self.pq_m} does not divide the embedding dimension {dim}")
+        return {
+            "flat": "Flat",
+            "ivf_flat": f"IVF{self.nlist},Flat",
+            "ivf_pq": f"IVF{self.nlist},PQ{self.pq_m}x{self.pq_nbits}",
+            "hnsw": f"HNSW{self.hnsw_m}",
+        }[self.kind]
+
+
+@dataclass
 class EvalConfig:
     """Evaluation (``lancer eval``): encode + search + metrics + post-hoc baselines + language-bias analyses."""
 
@@ -371,12 +417,22 @@ class EvalConfig:
     collections: list[str] = field(default_factory=list)
     # Where embeddings, runs, tables and plots go; "" = <output_dir>/eval.
     output_dir: str = ""
+    # Any FAISS index_factory string; anything but "Flat" overrides eval.index (kept for compatibility).
     index_factory: str = "Flat"
+    index: IndexConfig = field(default_factory=IndexConfig)
+    # Shard search: "threads" (a thread pool in this process; FAISS releases the GIL), "ray" (one task per Ray
+    # node, each searching its group of shards with threads), or "none" (sequential, the reference).
+    search_parallel: Literal["threads", "ray", "none"] = "threads"
+    search_threads: int = 0  # 0 = the CPUs this process may use
+    search_block: int = (
+        65536  # rows of a memory-mapped shard searched at once by the exact index (flat memory)
+    )
     # Passages per embedding shard (= per FAISS index shard, searched in parallel).
     shard_size: int = 20000
     top_k: int = 100
     batch_size: int = 64
-    # Ray encoding actors: 0 = one per GPU, or (no GPU) one per cpus_per_worker CPUs.
+    # Ray encoding actors: 0 = one per GPU, or (no GPU) one per cpus_per_worker CPUs. cpus_per_worker = torch
+    # threads (and Ray CPUs) per actor; 0 = the cluster's CPUs / num_workers (1 when num_workers is also 0).
     num_workers: int = 0
     cpus_per_worker: int = 1
     # "" = $RAY_ADDRESS or a new local Ray instance; "auto" or host:port joins a cluster.
@@ -406,12 +462,34 @@ class EvalConfig:
         _check(self.top_k >= 1, f"{p}.top_k", self.top_k, "an integer >= 1")
         _check(self.batch_size >= 1, f"{p}.batch_size", self.batch_size, "an integer >= 1")
         _check(self.num_workers >= 0, f"{p}.num_workers", self.num_workers, "an integer >= 0 (0 = auto)")
-        _check(self.cpus_per_worker >= 1, f"{p}.cpus_per_worker", self.cpus_per_worker, "an integer >= 1")
+        _check(
+            self.cpus_per_worker >= 0,
+            f"{p}.cpus_per_worker",
+            self.cpus_per_worker,
+            "an integer >= 0 (0 = the CPUs split evenly over num_workers)",
+        )
         _check(self.lsar_rank >= 0, f"{p}.lsar_rank", self.lsar_rank, "an integer >= 0")
         _check(all(k > 0 for k in self.recall_kt), f"{p}.recall_kt", self.recall_kt, "a list of integers > 0")
         _check(self.posthoc_max_passages >= 2, f"{p}.posthoc_max_passages", self.posthoc_max_passages, ">= 2")
         _check(self.probe_per_language >= 2, f"{p}.probe_per_language", self.probe_per_language, ">= 2")
         _check(self.tsne_samples >= 0, f"{p}.tsne_samples", self.tsne_samples, "an integer >= 0")
+        _check(
+            self.search_threads >= 0, f"{p}.search_threads", self.search_threads, "an integer >= 0 (0 = auto)"
+        )
+        _check(self.search_block >= 1, f"{p}.search_block", self.search_block, "an integer >= 1")
+        _check(
+            bool(self.index_factory), f"{p}.index_factory", self.index_factory, "a FAISS index_factory string"
+        )
+        _check(
+            self.index_factory == "Flat" or self.index.kind == "flat",
+            f"{p}.index_factory",
+            self.index_factory,
+            f"'Flat' when {p}.index.kind is set ({self.index.kind!r}): choose one of the two",
+        )
+
+    def index_spec(self) -> IndexConfig | str:
+        """What each shard's index is: ``eval.index`` or, when set to anything but "Flat", ``eval.index_factory``."""
+        return self.index if self.index_factory == "Flat" else self.index_factory
 
 
 @dataclass

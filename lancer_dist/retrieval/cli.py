@@ -77,7 +77,17 @@ def _search(args: argparse.Namespace) -> int:
     q = load_encoder(spec).encode(coll.query_texts, is_query=True, batch_size=ev.batch_size)
     started = ensure_ray(ev.ray_address)
     try:
-        res = search_store(args.embeddings, q, ev.top_k, ev.index_factory, cpus_per_task=ev.cpus_per_worker)
+        res = search_store(
+            args.embeddings,
+            q,
+            ev.top_k,
+            ev.index_spec(),
+            parallel=ev.search_parallel,
+            threads=ev.search_threads,
+            cpus_per_task=max(1, ev.cpus_per_worker),
+            block=ev.search_block,
+            seed=ev.seed,
+        )
     finally:
         if started:
             import ray

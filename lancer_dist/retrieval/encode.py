@@ -74,8 +74,12 @@ class EncodeWorker:
         return os.getpid()
 
     def encode(self, plan: dict[str, Any], out_dir: str, dtype: str, batch_size: int) -> dict[str, Any]:
+        import resource
+
         res = encode_shard(self.encoder, ShardPlan(**plan), out_dir, dtype, batch_size)
         res["pid"] = os.getpid()
+        # This actor's peak resident memory so far (MB): flat in corpus size, bounded by one shard's texts/embeddings.
+        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
         return res
 
     def encode_texts(self, texts: list[str], is_query: bool, batch_size: int) -> np.ndarray:
@@ -238,7 +242,6 @@ class EncoderPool:
         import ray
 
         self.spec = spec
-        self.cpus_per_worker = cpus_per_worker
         self.max_worker_restarts = max_worker_restarts
         self.max_attempts_per_shard = max_attempts_per_shard
         self.started_ray = ensure_ray(ray_address)
@@ -246,6 +249,11 @@ class EncoderPool:
         cpus = float(ray.cluster_resources().get("CPU", 1.0))
         # One actor per GPU when the cluster has GPUs, else CPU actors of ``cpus_per_worker`` CPUs each.
         self.gpus_per_worker = gpus_per_worker if gpus_per_worker is not None else (1.0 if gpus >= 1 else 0.0)
+        if cpus_per_worker == 0:
+            # Auto: the cluster's CPUs split evenly over the requested workers (workers x threads = cores), or
+            # one single-threaded worker per CPU (measured faster than fewer multi-threaded ones: docs/evaluation.md).
+            cpus_per_worker = max(1, int(cpus // num_workers)) if num_workers > 0 else 1
+        self.cpus_per_worker = cpus_per_worker
         if num_workers > 0:
             self.num_workers = num_workers
         elif self.gpus_per_worker > 0:

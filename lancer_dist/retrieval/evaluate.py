@@ -39,7 +39,7 @@ from lancer_dist.retrieval.encode import EncoderPool
 from lancer_dist.retrieval.encoder_io import EncoderSpec
 from lancer_dist.retrieval.metrics import evaluate_by_language, recall_at_kt
 from lancer_dist.retrieval.posthoc import Affine, fit_leace, fit_lsar
-from lancer_dist.retrieval.search import search_store
+from lancer_dist.retrieval.search import SearchResult, search_store, topk_recall
 from lancer_dist.retrieval.store import EmbeddingStore, plan_shards, read_corpus_range
 from lancer_dist.retrieval.trec import write_run
 from lancer_dist.train.tracking import Tracker, resolve_tracking_uri
@@ -185,6 +185,8 @@ class EvalReport:
     artifacts: list[Path] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     mlflow_run_id: str | None = None
+    # variant -> collection -> recall@top_k of the approximate index against exact search (approximate indexes only)
+    index_recall: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def _sample_store(store: EmbeddingStore, per_language: int, seed: int) -> tuple[np.ndarray, list[str]]:
@@ -199,6 +201,32 @@ def _corpus_texts(coll: EvalCollection) -> dict[str, str]:
         ids, tx, _ = read_corpus_range(plan)
         texts.update(zip(ids, tx))
     return texts
+
+
+def index_recall(
+    store_path: Path, q_QD: np.ndarray, sr: SearchResult, ev: Any, transform: Affine | None
+) -> float | None:
+    """Recall@top_k of an approximate index's results against exact search on a sample of
+    ``eval.index.recall_queries`` queries (None for exact indexes, or when switched off)."""
+    spec = ev.index_spec()
+    if (isinstance(spec, str) and spec == "Flat") or (not isinstance(spec, str) and spec.kind == "flat"):
+        return None
+    n = min(len(q_QD), ev.index.recall_queries)
+    if n == 0:
+        return None
+    rows = np.sort(np.random.default_rng(ev.seed).choice(len(q_QD), n, replace=False))
+    exact = search_store(
+        store_path,
+        q_QD[rows],
+        ev.top_k,
+        "Flat",
+        transform=transform,
+        parallel=ev.search_parallel,
+        threads=ev.search_threads,
+        cpus_per_task=max(1, ev.cpus_per_worker),
+        block=ev.search_block,
+    )
+    return topk_recall(sr.positions[rows], exact.positions)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -332,10 +360,23 @@ def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] =
                     stores[tag, c.name].path,
                     q,
                     ev.top_k,
-                    ev.index_factory,
+                    ev.index_spec(),
                     transform=tf,
-                    cpus_per_task=ev.cpus_per_worker,
+                    parallel=ev.search_parallel,
+                    threads=ev.search_threads,
+                    cpus_per_task=max(1, ev.cpus_per_worker),
+                    block=ev.search_block,
+                    seed=ev.seed,
                 )
+                recall = index_recall(stores[tag, c.name].path, q, sr, ev, tf)
+                if recall is not None:
+                    report.index_recall.setdefault(vname, {})[c.name] = recall
+                    tracker.log_metrics(
+                        {metric_key(vname, c.name, f"index_recall@{ev.top_k}"): recall}, step=0
+                    )
+                    log(
+                        f"[eval] {vname} {c.name}: recall@{ev.top_k} of {ev.index_spec()} vs exact = {recall:.4f}"
+                    )
                 run = sr.to_run(c.qids)
                 write_run(
                     out / "runs" / vname.replace("+", "_") / f"{c.name.replace('/', '_')}.trec",
@@ -446,6 +487,7 @@ def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] =
                     "pool_growth": report.pool_growth,
                     "table": report.table,
                     "seconds": report.seconds,
+                    "index_recall": report.index_recall,
                     "collections": {c.name: str(c.path) for c in colls},
                     "models": {k: str(v) for k, v in models.items()},
                 },

@@ -1,22 +1,29 @@
-"""``lancer search``: one FAISS index per embedding shard, shards searched in parallel (Ray), exact top-k merge.
+"""``lancer search``: exact or approximate search over the shards of an embedding store, exact top-k merge.
 
 Scores are inner products. Ranking order is total: score descending, then corpus position ascending, so results
 are deterministic under ties. FAISS does not promise which of several tied documents it keeps at the k-th place,
-so each shard asks for ``k + 1`` neighbours and, for the queries whose last returned score still ties their k-th,
-doubles its request: each shard's list is then exactly its top-k in the total order, and the merge (a pure function) of per-shard top-k
-lists is exactly the global top-k. For ``Flat`` indexes this equals brute force over the whole corpus.
+so each index is asked for ``k + 1`` neighbours and, for the queries whose last returned score still ties their k-th,
+doubles its request: each list is then exactly its top-k in the total order, and the merge (a pure function) of
+the lists is exactly the global top-k. For exact search this equals brute force over the whole corpus.
 
-Index types come from ``faiss.index_factory`` strings (``Flat``, ``IVF256,Flat``, ``HNSW32``, ``PQ16``,
-``IVF256,PQ16`` ...), built per shard with ``METRIC_INNER_PRODUCT`` and trained on that shard's embeddings. With
-faiss-gpu installed and a GPU visible, indexes are moved to the GPU (``index_cpu_to_all_gpus``); without faiss-gpu,
-exact ``Flat`` search on a visible GPU runs :func:`exact_topk_torch` (a torch matmul + top-k, same total order).
+Exact search (``IndexConfig(kind="flat")`` / ``"Flat"``) memory-maps each shard block by block, so memory stays a
+few blocks whatever the corpus size; blocks are searched by a thread pool (FAISS releases the GIL). Approximate
+indexes (``IndexConfig`` ivf_flat / ivf_pq / hnsw, or any ``faiss.index_factory`` string) are built per shard with
+``METRIC_INNER_PRODUCT``, trained on a random sample of the shard, filled block by block. Across nodes, groups of
+shards run as Ray tasks (``parallel="ray"``). With faiss-gpu installed and a GPU visible, approximate shard indexes
+are moved to the GPU (``index_cpu_to_all_gpus``).
+Without faiss-gpu, exact search on a visible GPU runs :func:`exact_topk_torch` per block (a torch matmul +
+top-k, same total order).
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,26 +36,35 @@ __all__ = [
     "SearchResult",
     "brute_force_topk",
     "build_index",
+    "build_shard_index",
+    "default_threads",
     "exact_topk_torch",
     "merge_topk",
     "search_arrays",
     "search_index_exact",
+    "search_shards_local",
     "search_store",
     "sort_candidates",
+    "topk_recall",
 ]
 
 
 def sort_candidates(scores_QC: np.ndarray, pos_QC: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the ``k`` best candidates by (score desc, position asc); position -1 marks padding."""
-    Q = scores_QC.shape[0]
+    pos_QC = np.asarray(pos_QC, dtype=np.int64)
+    valid = pos_QC >= 0
+    # Padding sorts after every real candidate: score -inf and the largest position.
+    s = np.where(valid, np.asarray(scores_QC, dtype=np.float32), np.float32(-np.inf))
+    p_key = np.where(valid, pos_QC, np.iinfo(np.int64).max)
+    order = np.lexsort((p_key, -s), axis=-1)[:, :k]
+    s_top = np.take_along_axis(s, order, axis=1)
+    p_top = np.take_along_axis(p_key, order, axis=1)
+    pad = p_top == np.iinfo(np.int64).max
+    Q, got = s_top.shape
     out_s = np.full((Q, k), -np.inf, dtype=np.float32)
     out_p = np.full((Q, k), -1, dtype=np.int64)
-    for q in range(Q):
-        valid = pos_QC[q] >= 0
-        s, p = scores_QC[q][valid], pos_QC[q][valid]
-        order = np.lexsort((p, -s))[:k]
-        out_s[q, : len(order)] = s[order]
-        out_p[q, : len(order)] = p[order]
+    out_s[:, :got] = np.where(pad, np.float32(-np.inf), s_top)
+    out_p[:, :got] = np.where(pad, -1, p_top)
     return out_s, out_p
 
 
@@ -196,30 +212,199 @@ def _positions(Id: np.ndarray, offset: int) -> np.ndarray:
     return np.where(Id >= 0, Id.astype(np.int64) + offset, -1)
 
 
-def _search_shard(
-    store_path: str,
-    shard: int,
+IndexSpec = Any  # an ``IndexConfig`` (lancer_dist.config) or a ``faiss.index_factory`` string
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (the affinity mask, not the machine's core count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _is_flat(index: IndexSpec) -> bool:
+    return (index.kind == "flat") if not isinstance(index, str) else index.strip() == "Flat"
+
+
+def _shard_rows(path: Path) -> tuple[np.dtype, int, int, int]:
+    """(dtype, rows, dim, byte offset of the data) of a C-order ``.npy`` file, read from its header only."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read(f)
+        offset = f.tell()
+    if fortran or len(shape) != 2:
+        raise ValueError(
+            f"{path}: expected a C-order [rows, dim] array, got shape {shape} (fortran={fortran})"
+        )
+    return np.dtype(dtype), int(shape[0]), int(shape[1]), offset
+
+
+def _read_block(path: Path, start: int, stop: int, transform: Affine | None) -> np.ndarray:
+    """Rows ``[start, stop)`` of a shard as contiguous float32 through a memory map of just those rows; the map
+    is closed on return, so resident memory stays one block whatever the corpus size."""
+    dtype, _, dim, offset = _shard_rows(path)
+    mm = np.memmap(
+        path, dtype=dtype, mode="r", offset=offset + start * dim * dtype.itemsize, shape=(stop - start, dim)
+    )
+    x = np.array(mm, dtype=np.float32, order="C", copy=True)
+    del mm
+    return transform(x) if transform is not None else x
+
+
+def _search_flat_block(
+    path: Path, start: int, stop: int, offset: int, q_QD: np.ndarray, k: int, transform: Affine | None
+) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    x = _read_block(path, start, stop, transform)
+    if _torch_gpu_flat("Flat"):
+        # a visible GPU without faiss-gpu: the torch matmul + top-k, same total order (ties included)
+        return exact_topk_torch(q_QD, x, k, offset + start)
+    faiss.omp_set_num_threads(1)  # parallelism comes from the thread pool; one OpenMP thread per block search
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    del x
+    return search_index_exact(index, q_QD, k, offset + start)
+
+
+def build_shard_index(
+    path: Path,
+    index: IndexSpec,
+    transform: Affine | None = None,
+    block: int = 65536,
+    seed: int = 0,
+    use_gpu: bool | None = None,
+) -> Any:
+    """An approximate FAISS index over one memory-mapped shard: quantizers trained on a random sample of
+    ``index.train_sample`` rows, then every row added block by block (only the index itself is kept in memory)."""
+    import faiss
+
+    _, n, dim, _ = _shard_rows(path)
+    factory = index if isinstance(index, str) else index.factory(dim)
+    field = "eval.index_factory" if isinstance(index, str) else "eval.index"
+    try:
+        idx = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"{field}: {factory!r} is not a valid FAISS index_factory string ({e})") from e
+    train_sample = 100000 if isinstance(index, str) else index.train_sample
+    inner: Any = faiss.downcast_index(idx)
+    if getattr(inner, "do_polysemous_training", False):
+        # Polysemous codes (Hamming pre-filtering) are never used by these searches, and training them is ~10x
+        # the cost of the PQ itself; FAISS turns it on by default for PQ indexes.
+        inner.do_polysemous_training = False
+    if not idx.is_trained:
+        mm = np.load(path, mmap_mode="r", allow_pickle=False)
+        rows = (
+            np.arange(n)
+            if n <= train_sample
+            else np.sort(np.random.default_rng(seed).choice(n, train_sample, replace=False))
+        )
+        x = np.array(mm[rows], dtype=np.float32, order="C")
+        del mm
+        x = transform(x) if transform is not None else x
+        try:
+            idx.train(x)
+        except RuntimeError as e:
+            raise ValueError(
+                f"{field}: {factory!r} cannot be trained on {x.shape[0]} vectors of shard {path.name} "
+                f"(IVF needs >= nlist, PQ >= 2**nbits per sub-quantizer): {e}"
+            ) from e
+        del x
+    if not isinstance(index, str) and index.kind == "hnsw":
+        inner.hnsw.efConstruction = index.ef_construction
+    if use_gpu is None:
+        use_gpu = _gpu_available()
+    if use_gpu:
+        idx = faiss.index_cpu_to_all_gpus(idx)
+    for start in range(0, n, block):
+        idx.add(_read_block(path, start, min(n, start + block), transform))
+    if not isinstance(index, str):
+        ps = faiss.GpuParameterSpace() if use_gpu else faiss.ParameterSpace()
+        if index.kind in ("ivf_flat", "ivf_pq"):
+            ps.set_index_parameter(idx, "nprobe", index.nprobe)
+        elif index.kind == "hnsw":
+            ps.set_index_parameter(idx, "efSearch", index.ef_search)
+    return idx
+
+
+def _search_approx_shard(
+    path: Path,
     offset: int,
     q_QD: np.ndarray,
     k: int,
-    factory: str,
+    index: IndexSpec,
     transform: Affine | None,
-    threads: int,
-) -> tuple[np.ndarray, np.ndarray, float]:
-    t0 = time.perf_counter()
-    emb, _, _ = EmbeddingStore(store_path).load_shard(shard)
-    x = np.asarray(emb, dtype=np.float32)
-    if transform is not None:
-        x = transform(x)
-    if _torch_gpu_flat(factory):
-        s, p = exact_topk_torch(q_QD, x, k, offset)
-        return s, p, time.perf_counter() - t0
+    block: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
     import faiss
 
-    if threads > 0:
-        faiss.omp_set_num_threads(threads)
-    index = build_index(x, factory)
-    s, p = search_index_exact(index, q_QD, k, offset)
+    faiss.omp_set_num_threads(1)
+    idx = build_shard_index(path, index, transform, block, seed)
+    return search_index_exact(idx, q_QD, k, offset)
+
+
+def search_shards_local(
+    store_path: str | Path,
+    shards: Sequence[int],
+    offsets: Sequence[int],
+    q_QD: np.ndarray,
+    k: int,
+    index: IndexSpec = "Flat",
+    transform: Affine | None = None,
+    threads: int = 0,
+    block: int = 65536,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k over some shards of a store in this process. Exact (``Flat``): every shard is cut into blocks of
+    ``block`` memory-mapped rows and the blocks are searched by a pool of ``threads`` threads (FAISS releases the
+    GIL, one OpenMP thread each); approximate: one index per shard, shards built and searched in parallel. The
+    per-block / per-shard top-k lists go through the exact merge. ``threads`` 0 = :func:`default_threads`; 1 =
+    sequential in the calling thread."""
+    from lancer_dist.retrieval.store import emb_path
+
+    root = Path(store_path)
+    q = np.ascontiguousarray(q_QD, dtype=np.float32)
+    jobs: list[Callable[[], tuple[np.ndarray, np.ndarray]]] = []
+    for shard, off in zip(shards, offsets):
+        path = emb_path(root, shard)
+        if _is_flat(index):
+            n = _shard_rows(path)[1]
+            for start in range(0, n, block):
+                jobs.append(
+                    partial(_search_flat_block, path, start, min(n, start + block), off, q, k, transform)
+                )
+        else:
+            jobs.append(partial(_search_approx_shard, path, off, q, k, index, transform, block, seed + shard))
+    if not jobs:
+        return np.full((q.shape[0], k), -np.inf, np.float32), np.full((q.shape[0], k), -1, np.int64)
+    threads = threads or default_threads()
+    if threads == 1 or len(jobs) == 1:
+        parts = [job() for job in jobs]
+    else:
+        with ThreadPoolExecutor(max_workers=min(threads, len(jobs))) as pool:
+            parts = list(pool.map(lambda job: job(), jobs))
+    return merge_topk(parts, k)
+
+
+def _search_group_task(
+    store_path: str,
+    shards: list[int],
+    offsets: list[int],
+    q_QD: np.ndarray,
+    k: int,
+    index: IndexSpec,
+    transform: Affine | None,
+    threads: int,
+    block: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    t0 = time.perf_counter()
+    s, p = search_shards_local(store_path, shards, offsets, q_QD, k, index, transform, threads, block, seed)
     return s, p, time.perf_counter() - t0
 
 
@@ -241,24 +426,38 @@ def search_store(
     store_path: str | Path,
     q_QD: np.ndarray,
     k: int,
-    factory: str = "Flat",
+    factory: IndexSpec = "Flat",
     *,
     transform: Affine | None = None,
-    parallel: str = "ray",
+    parallel: str = "threads",
+    threads: int = 0,
     cpus_per_task: int = 1,
+    ray_tasks: int = 0,
+    block: int = 65536,
+    seed: int = 0,
 ) -> SearchResult:
-    """Search every shard of an :class:`EmbeddingStore` (``parallel``: "ray" tasks, or "none" in this process),
-    applying ``transform`` (a post-hoc baseline) to passages (queries must already be transformed)."""
+    """Search every shard of an :class:`EmbeddingStore` with ``factory`` (an ``IndexConfig`` or a FAISS factory
+    string), applying ``transform`` (a post-hoc baseline) to passages (queries must already be transformed).
+
+    ``parallel``: "threads" (the default, measured fastest on one node: blocks / shards searched by a pool of
+    ``threads`` threads, 0 = the CPUs of this process), "ray" (shards split into ``ray_tasks`` groups, 0 = one per
+    alive Ray node, each group one task of ``cpus_per_task`` CPUs that searches its shards with that many threads;
+    the queries are put in the object store once), or "none" (sequential: the reference)."""
     t0 = time.perf_counter()
     store = EmbeddingStore(store_path)
-    offsets = np.cumsum([0] + [s.get("rows", s["count"]) for s in store.manifest["shards"]])
+    offsets = [int(o) for o in np.cumsum([0] + [s.get("rows", s["count"]) for s in store.manifest["shards"]])]
     q = np.ascontiguousarray(q_QD, dtype=np.float32)
+    shards = list(range(store.num_shards))
     if parallel == "ray":
         import ray
 
         from lancer_dist.retrieval.ray_utils import ensure_ray
 
         ensure_ray()
+        n_groups = ray_tasks or sum(1 for n in ray.nodes() if n.get("Alive"))
+        groups = [
+            g.tolist() for g in np.array_split(np.asarray(shards, dtype=np.int64), max(1, n_groups)) if len(g)
+        ]
         if ray.available_resources().get("CPU", 0.0) < cpus_per_task:
             import sys
 
@@ -267,25 +466,56 @@ def search_store(
                 "tasks; close idle EncoderPools first)",
                 file=sys.stderr,
             )
-        task = ray.remote(_search_shard).options(num_cpus=cpus_per_task)  # type: ignore[call-overload]
+        task = ray.remote(_search_group_task).options(  # type: ignore[call-overload]
+            num_cpus=cpus_per_task, scheduling_strategy="SPREAD"
+        )
         q_ref = ray.put(q)
         t_ref = ray.put(transform)
         refs = [
-            task.remote(str(store.path), i, int(offsets[i]), q_ref, k, factory, t_ref, cpus_per_task)
-            for i in range(store.num_shards)
+            task.remote(
+                str(store.path),
+                g,
+                [offsets[i] for i in g],
+                q_ref,
+                k,
+                factory,
+                t_ref,
+                cpus_per_task,
+                block,
+                seed,
+            )
+            for g in groups
         ]
-        results = ray.get(refs)
-    elif parallel == "none":
-        results = [
-            _search_shard(str(store.path), i, int(offsets[i]), q, k, factory, transform, 0)
-            for i in range(store.num_shards)
-        ]
+        parts = [(s, p) for s, p, _ in ray.get(refs)]
+        scores, pos = merge_topk(parts, k) if parts else search_shards_local(store.path, [], [], q, k)
+    elif parallel in ("threads", "none"):
+        scores, pos = search_shards_local(
+            store.path,
+            shards,
+            offsets[:-1],
+            q,
+            k,
+            factory,
+            transform,
+            threads if parallel == "threads" else 1,
+            block,
+            seed,
+        )
     else:
-        raise ValueError(f"parallel must be 'ray' or 'none', got {parallel!r}")
-    scores, pos = merge_topk([(s, p) for s, p, _ in results], k)
+        raise ValueError(f"parallel must be 'threads', 'ray' or 'none', got {parallel!r}")
     all_ids = store.all_ids()
     docids = [[all_ids[p] for p in row if p >= 0] for row in pos]
     return SearchResult(scores, pos, docids, time.perf_counter() - t0)
+
+
+def topk_recall(approx_QK: np.ndarray, exact_QK: np.ndarray) -> float:
+    """Mean over queries of |approximate top-k ∩ exact top-k| / |exact top-k| (positions; -1 = padding)."""
+    vals = []
+    for a, e in zip(approx_QK, exact_QK):
+        e_set = set(e[e >= 0].tolist())
+        if e_set:
+            vals.append(len(e_set & set(a[a >= 0].tolist())) / len(e_set))
+    return float(np.mean(vals)) if vals else float("nan")
 
 
 def search_arrays(

@@ -95,3 +95,30 @@ def test_cli_config_show(tmp_path):
         text=True,
     )
     assert bad.returncode == 2 and "train.warmup_steps" in bad.stderr and "99" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "field", "expected"),
+    [
+        ("eval.index.kind=ivf", "eval.index.kind", "one of"),
+        ("eval.index.nlist=0", "eval.index.nlist", ">= 1"),
+        ("eval.index.nprobe=2000", "eval.index.nprobe", "<= nlist"),
+        ("eval.index.pq_nbits=17", "eval.index.pq_nbits", "1..16"),
+        ("eval.index.ef_search=0", "eval.index.ef_search", ">= 1"),
+        ("eval.index.recall_queries=-1", "eval.index.recall_queries", ">= 0"),
+        ("eval.search_parallel=mpi", "eval.search_parallel", "one of"),
+        ("eval.search_block=0", "eval.search_block", ">= 1"),
+    ],
+)
+def test_index_config_errors_name_the_field(override, field, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert field in str(e.value) and expected in str(e.value)
+
+
+def test_index_config_and_factory_are_exclusive():
+    with pytest.raises(ConfigError, match=r"eval\.index_factory"):
+        load_config(None, ["eval.index.kind=hnsw", "eval.index_factory=IVF16,Flat"])
+    cfg = load_config(None, ["eval.index.kind=ivf_pq", "eval.index.nlist=256", "eval.index.pq_m=16"])
+    assert cfg.eval.index_spec().factory(384) == "IVF256,PQ16x8"
+    assert load_config(None, ["eval.index_factory=HNSW32"]).eval.index_spec() == "HNSW32"

@@ -136,3 +136,141 @@ def test_tie_expansion_is_bounded():
     assert idx2.calls == [(2, 11), (1, 22)]
     np.testing.assert_array_equal(pos, brute_force_topk(q2, p2, 10)[1])
     assert pos[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]  # ties broken by corpus position
+
+
+# ---------------------------------------------------------------------------------------------------- at scale
+
+
+@pytest.mark.parametrize(
+    ("shard_size", "block", "threads"), [(1000, 7, 2), (64, 16, 2), (37, 1000, 3), (300, 50, 1)]
+)
+def test_threaded_blocked_search_equals_brute_force_with_ties(tmp_path, shard_size, block, threads):
+    """The default path: memory-mapped shards cut into blocks, searched by a thread pool, exact merge."""
+    q, p = _integer_data(5)
+    k = 20
+    ref_s, ref_p = brute_force_topk(q, p, k)
+    full = q @ p.T
+    kth = ref_s[:, k - 1 : k]
+    assert np.any(((full == kth).sum(1)) > ((ref_s == kth).sum(1))), "no tie straddles the k-th place"
+    write_store(tmp_path, p, [f"doc{i}" for i in range(len(p))], shard_size=shard_size)
+    res = search_store(tmp_path, q, k, parallel="threads", threads=threads, block=block)
+    np.testing.assert_array_equal(res.positions, ref_p)
+    np.testing.assert_array_equal(res.scores, ref_s)
+
+
+def test_float16_store_exact_on_representable_data(tmp_path):
+    """Small integers are exact in float16: the fp16 store's ranking (ties included) equals fp32 brute force."""
+    q, p = _integer_data(6)
+    write_store(tmp_path, p.astype(np.float16), [str(i) for i in range(len(p))], shard_size=70)
+    assert EmbeddingStore(tmp_path).load_shard(0)[0].dtype == np.float16
+    res = search_store(tmp_path, q, 15, threads=2, block=32)
+    ref_s, ref_p = brute_force_topk(q, p, 15)
+    np.testing.assert_array_equal(res.positions, ref_p)
+    np.testing.assert_array_equal(res.scores, ref_s)
+
+
+def test_float16_store_within_rounding_of_float32(tmp_path):
+    rng = np.random.default_rng(7)
+    p = rng.normal(size=(800, 32)).astype(np.float32)
+    p /= np.linalg.norm(p, axis=1, keepdims=True)
+    q = rng.normal(size=(20, 32)).astype(np.float32)
+    write_store(tmp_path, p.astype(np.float16), [str(i) for i in range(len(p))], shard_size=300)
+    res = search_store(tmp_path, q, 10, threads=2, block=128)
+    # Exactly the ranking of the fp16-rounded vectors...
+    p16 = p.astype(np.float16).astype(np.float32)
+    ref16_s, ref16_p = brute_force_topk(q, p16, 10)
+    np.testing.assert_array_equal(res.positions, ref16_p)
+    np.testing.assert_allclose(res.scores, ref16_s, rtol=1e-5, atol=1e-6)
+    # ... whose scores differ from the fp32 ones by at most |q| * |p - fp16(p)| (Cauchy-Schwarz).
+    full32 = q @ p.T
+    bound = np.linalg.norm(q, axis=1, keepdims=True) * np.linalg.norm(p - p16, axis=1)[res.positions]
+    got32 = np.take_along_axis(full32, res.positions, axis=1)
+    assert np.all(np.abs(res.scores - got32) <= bound + 1e-6)
+
+
+def _clustered(seed: int, n: int = 4000, d: int = 16, nq: int = 30):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(40, d))
+    p = (centers[rng.integers(0, 40, n)] + 0.5 * rng.normal(size=(n, d))).astype(np.float32)
+    q = (p[rng.choice(n, nq, replace=False)] + 0.1 * rng.normal(size=(nq, d))).astype(np.float32)
+    return q, p
+
+
+def _numpy_recall(approx_pos: np.ndarray, q: np.ndarray, p: np.ndarray, k: int) -> float:
+    """Independent: exact top-k by argsort of numpy inner products, overlap counted with np.isin."""
+    exact = np.argsort(-(q.astype(np.float64) @ p.T.astype(np.float64)), axis=1, kind="stable")[:, :k]
+    return float(np.mean([np.isin(exact[i], approx_pos[i]).sum() / k for i in range(len(q))]))
+
+
+def test_ivf_flat_params_are_applied_and_recall_matches_numpy(tmp_path):
+    from lancer_dist.config import IndexConfig
+    from lancer_dist.retrieval.search import topk_recall
+
+    q, p = _clustered(8)
+    k = 20
+    write_store(tmp_path, p, [str(i) for i in range(len(p))], shard_size=2000)
+    exact = search_store(tmp_path, q, k, threads=2)
+    # Every cell probed: IVF-Flat is exact search.
+    full = search_store(tmp_path, q, k, IndexConfig(kind="ivf_flat", nlist=16, nprobe=16, train_sample=1000))
+    assert topk_recall(full.positions, exact.positions) == 1.0
+    one = search_store(tmp_path, q, k, IndexConfig(kind="ivf_flat", nlist=16, nprobe=1, train_sample=1000))
+    r = topk_recall(one.positions, exact.positions)
+    assert r < 1.0, "nprobe=1 of 16 cells should lose some neighbours (nprobe not applied?)"
+    assert r == pytest.approx(_numpy_recall(one.positions, q, p, k), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kind", "low", "high"),
+    [("ivf_pq", {"nprobe": 1}, {"nprobe": 16}), ("hnsw", {"ef_search": 1}, {"ef_search": 400})],
+)
+def test_approximate_recall_against_exact(tmp_path, kind, low, high):
+    from lancer_dist.config import IndexConfig
+    from lancer_dist.retrieval.search import topk_recall
+
+    q, p = _clustered(9)
+    k = 20
+    write_store(tmp_path, p, [str(i) for i in range(len(p))], shard_size=2000)
+    exact = search_store(tmp_path, q, k)
+    base = {"nlist": 16, "pq_m": 4, "pq_nbits": 6, "hnsw_m": 8, "train_sample": 1500}
+    lo = search_store(tmp_path, q, k, IndexConfig(kind=kind, **{**base, **low}))
+    hi = search_store(tmp_path, q, k, IndexConfig(kind=kind, **{**base, **high}))
+    r_lo, r_hi = topk_recall(lo.positions, exact.positions), topk_recall(hi.positions, exact.positions)
+    assert r_lo == pytest.approx(_numpy_recall(lo.positions, q, p, k), abs=1e-12)
+    assert r_hi == pytest.approx(_numpy_recall(hi.positions, q, p, k), abs=1e-12)
+    assert r_hi > r_lo and r_hi >= 0.5, (r_lo, r_hi)
+
+
+def test_topk_recall_by_hand():
+    from lancer_dist.retrieval.search import topk_recall
+
+    exact = np.array([[1, 2, 3, 4], [5, 6, -1, -1]])
+    approx = np.array([[4, 9, 1, 8], [6, 5, 7, -1]])
+    assert topk_recall(approx, exact) == pytest.approx((2 / 4 + 2 / 2) / 2)
+
+
+def test_untrainable_index_names_the_field(tmp_path):
+    from lancer_dist.config import IndexConfig
+
+    write_store(tmp_path, np.ones((50, 8), np.float32), [str(i) for i in range(50)], shard_size=50)
+    with pytest.raises(ValueError, match=r"eval\.index.*cannot be trained on 50 vectors"):
+        search_store(
+            tmp_path, np.ones((2, 8), np.float32), 3, IndexConfig(kind="ivf_flat", nlist=64, nprobe=4)
+        )
+    with pytest.raises(ValueError, match=r"eval\.index\.pq_m"):
+        search_store(tmp_path, np.ones((2, 8), np.float32), 3, IndexConfig(kind="ivf_pq", nlist=2, pq_m=3))
+
+
+def test_eval_index_recall_on_a_query_sample(tmp_path):
+    """What ``lancer eval`` logs: recall@top_k of the approximate run on ``recall_queries`` sampled queries."""
+    from lancer_dist.config import EvalConfig, IndexConfig
+    from lancer_dist.retrieval.evaluate import index_recall
+
+    q, p = _clustered(10)
+    write_store(tmp_path, p, [str(i) for i in range(len(p))], shard_size=1500)
+    ev = EvalConfig(top_k=20, index=IndexConfig(kind="ivf_flat", nlist=16, nprobe=1, recall_queries=12))
+    sr = search_store(tmp_path, q, ev.top_k, ev.index_spec())
+    got = index_recall(tmp_path, q, sr, ev, None)
+    rows = np.sort(np.random.default_rng(ev.seed).choice(len(q), 12, replace=False))
+    assert got == pytest.approx(_numpy_recall(sr.positions[rows], q[rows], p, 20), abs=1e-12)
+    assert got is not None and got < 1.0
+    assert index_recall(tmp_path, q, sr, EvalConfig(top_k=20), None) is None  # exact index: nothing to report
