@@ -690,6 +690,7 @@ class TrainStream:
 
     def __iter__(self) -> Iterator[TrainBatch]:
         ds = _StepDataset(self._plan, self._next_step, self.end, self._state)
+        pin = torch.cuda.is_available()
         source: Any
         if self.num_workers == 0:
             source = iter(ds)
@@ -706,8 +707,13 @@ class TrainStream:
                 collate_fn=_identity,
                 multiprocessing_context=ctx,
                 worker_init_fn=_ignore_preemption_signals,
+                # page-locked batches (pinned in the loader's pin thread) so the trainer's copy to the GPU is
+                # asynchronous (non_blocking); batches are TrainBatch objects, whose pin_memory() the loader calls
+                pin_memory=pin,
             )
         for batch, st in source:
+            if pin and not batch.query_input_ids.is_pinned():
+                batch = batch.pin_memory()
             if batch.step != self._next_step:
                 raise RuntimeError(f"stream produced step {batch.step}, expected {self._next_step}")
             self._state = st
