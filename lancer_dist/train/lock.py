@@ -60,7 +60,13 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
-    return True
+    # A killed process whose parent died too stays a zombie until init reaps it (in a container, PID 1 may never):
+    # it holds its pid but runs nothing, so it holds no lock.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 @dataclass

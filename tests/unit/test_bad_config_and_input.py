@@ -204,7 +204,7 @@ def test_one_non_utf8_record_is_skipped_alone_and_counted(tmp_path: Path) -> Non
     assert "en-005" not in seen
     # the shard's other records were read (on main the whole shard was skipped)
     assert {k for k in recs if k != "en-005"} <= set(seen)
-    epochs = st.state_dict()["roles"]["0"]["streams"]["erasure/en"]["epoch"] + 1
+    epochs = st.state_dict()["streams"]["erasure/en"]["epoch"] + 1
     assert st.stats == {"bad_records": epochs, "bad_records.bad_utf8": epochs}
     # without skipping: an error naming shard, record and field
     with pytest.raises(DataError, match=r"record 'en-005' field '<json>'"):

@@ -239,3 +239,27 @@ def test_shipped_configs_keep_checkpoints_and_mlflow_in_the_output_dir(config: P
     assert cfg.train.checkpoint.dir == "", f"{config.name} sets train.checkpoint.dir to a fixed path"
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output_dir)
     assert uri == f"sqlite:///{(tmp_path / 'a').resolve()}/mlflow.db"
+
+
+def test_a_zombie_lock_holder_counts_as_dead() -> None:
+    """A SIGKILLed rank whose torchrun died too stays a zombie until reaped: its pid exists (os.kill(pid, 0)
+    succeeds) but it holds nothing; a live process does."""
+    import subprocess
+    import time
+
+    from lancer_dist.train.lock import _pid_alive
+
+    live = subprocess.Popen(["sleep", "30"])
+    dead = subprocess.Popen(["true"])
+    try:
+        deadline = time.time() + 10
+        while Path(f"/proc/{dead.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.time() < deadline
+            time.sleep(0.05)
+        os.kill(dead.pid, 0)  # the zombie's pid is still there
+        assert not _pid_alive(dead.pid)
+        assert _pid_alive(live.pid)
+    finally:
+        live.kill()
+        live.wait()
+        dead.wait()

@@ -279,7 +279,11 @@ def test_zero_memory_matches_the_zero_paper():
 
 def test_sbatch_template_and_rendered_script_fail_fast_on_nccl():
     template = (REPO / "cluster" / "slurm" / "train_multinode.sbatch").read_text()
-    rendered = render_train_script(SlurmJob(config=CFG, nodes=2, gpus_per_node=8, workdir=str(REPO)))
+    # 16 ranks: the global batch must split into 16 equal slices
+    big = ["data.retrieval.queries_per_step=16", "data.erasure.passages_per_language=8"]
+    rendered = render_train_script(
+        SlurmJob(config=CFG, nodes=2, gpus_per_node=8, workdir=str(REPO), overrides=big)
+    )
     for script in (template, rendered):
         assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in script
         assert "export NCCL_DEBUG=${NCCL_DEBUG:-WARN}" in script

@@ -74,7 +74,9 @@ def test_slurm_templates_parse(path: Path):
 def test_slurm_template_matches_the_renderer():
     """The hand-editable template keeps the rendezvous, preemption and requeue logic of `lancer submit slurm`."""
     template = (CLUSTER / "slurm" / "train_multinode.sbatch").read_text().splitlines()
-    rendered = render_train_script(SlurmJob(config="x.yaml", nodes=2)).splitlines()
+    rendered = render_train_script(
+        SlurmJob(config=str(CLUSTER.parent / "configs" / "tiny.yaml"), nodes=2)
+    ).splitlines()
     key = [
         ln
         for ln in rendered

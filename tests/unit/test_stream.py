@@ -484,10 +484,12 @@ def test_loader_workers_survive_a_preemption_signal(tmp_path: Path, tok: Any) ->
     full = run_all(cfg, tok, world=1)[0]
     got = []
     me = psutil.Process()
+    # children left by earlier tests in this process (other loaders, servers) are not this stream's workers
+    before = {p.pid for p in me.children()}
     for b in TrainStream(cfg, tok, rank=0, world_size=1):
         got.append(b)
         if b.step == 2:
-            workers = me.children()
+            workers = [p for p in me.children() if p.pid not in before]
             assert len(workers) == 2, workers
             for w in workers:
                 os.kill(w.pid, signal.SIGTERM)
