@@ -9,4 +9,5 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 ruff check lancer_dist launchers tests benchmarks
 ruff format --check lancer_dist launchers tests benchmarks
 mypy
-python -m pytest tests "$@"
+# A hard ceiling for the whole suite (CI allows 90 min; it takes ~20): a hang ends as a failure, not a CI timeout.
+timeout --kill-after=60 "${LANCER_TEST_TIMEOUT_S:-3600}" python -m pytest tests "$@"

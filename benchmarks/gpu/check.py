@@ -92,28 +92,6 @@ def install_wheels() -> str:
     return f"installed {missing}" if proc.returncode == 0 else f"pip failed: {proc.stderr[-500:]}"
 
 
-def write_tokenizer(out: Path, vocab_words: list[str]) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    vocab = {w: i for i, w in enumerate(specials + vocab_words)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
-    fast.save_pretrained(str(out))
-
-
 def write_data(root: Path, n_groups: int, per_lang: int, words: int, seed: int = 0) -> Path:
     """Synthetic multilingual data: each language has its own words; a query shares topic words with its positive.
     ``root/{retrieval,erasure}`` shard directories and ``root/tokenizer``."""
@@ -121,7 +99,9 @@ def write_data(root: Path, n_groups: int, per_lang: int, words: int, seed: int =
 
     rng = random.Random(seed)
     lex = {lang: [f"{lang}{i}" for i in range(words)] for lang in LANGS}
-    write_tokenizer(root / "tokenizer", [w for lang in LANGS for w in lex[lang]])
+    from lancer_dist.retrieval.tiny import word_tokenizer
+
+    word_tokenizer([w for lang in LANGS for w in lex[lang]]).save_pretrained(str(root / "tokenizer"))
     topics = 64
 
     def text(lang: str, topic: int, n: int) -> str:

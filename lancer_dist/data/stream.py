@@ -106,6 +106,33 @@ class TrainBatch:
     passage_docids: list[str] = field(default_factory=list)
     erasure_keys: list[str] = field(default_factory=list)
 
+    def shard(self, rank: int, world_size: int) -> TrainBatch:
+        """Rank ``rank``'s share of this batch when it holds a whole global step: a contiguous block of queries (with
+        their passage groups) and of erasure slots, the rows that ``TrainStream(..., rank, world_size)`` yields.
+        Used to feed one global batch to N ranks (exactness tests, benchmarks)."""
+        import dataclasses
+
+        b, m = len(self.query_input_ids), len(self.erasure_input_ids)
+        if b % world_size or m % world_size:
+            raise ValueError(f"{b} queries / {m} erasure passages do not split over {world_size} ranks")
+        g = len(self.passage_input_ids) // b
+        qs, xs = (
+            slice(rank * b // world_size, (rank + 1) * b // world_size),
+            slice(rank * m // world_size, (rank + 1) * m // world_size),
+        )
+        ps = slice(qs.start * g, qs.stop * g)
+        rows = {"query_": qs, "passage_": ps, "erasure_": xs}
+        tensors = {
+            k: getattr(self, k)[next(v for p, v in rows.items() if k.startswith(p))] for k in _BATCH_TENSORS
+        }
+        return dataclasses.replace(
+            self,
+            **tensors,
+            query_keys=self.query_keys[qs],
+            passage_docids=self.passage_docids[ps],
+            erasure_keys=self.erasure_keys[xs],
+        )
+
     def pin_memory(self) -> TrainBatch:
         """Page-locked copies of the tensors (what a DataLoader's ``pin_memory`` calls), so that
         ``to(cuda, non_blocking=True)`` is an asynchronous copy."""

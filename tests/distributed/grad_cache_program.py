@@ -15,7 +15,6 @@ Writes ``<out>/rank<r>.json``: {"dropout_diff", "max_param_diff", "loss"}.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -30,28 +29,12 @@ from lancer_dist.train import parallel
 from lancer_dist.train.trainer import Trainer, _chunks, _encode_chunk, build_optimizer
 
 
-def _local_share(full, r: int, w: int, g: int):  # type: ignore[no-untyped-def]
-    b = full.query_input_ids.shape[0] // w
-    m = full.erasure_input_ids.shape[0] // w
-    qs, ps, xs = slice(r * b, (r + 1) * b), slice(r * b * g, (r + 1) * b * g), slice(r * m, (r + 1) * m)
-    return dataclasses.replace(
-        full,
-        query_input_ids=full.query_input_ids[qs],
-        query_attention_mask=full.query_attention_mask[qs],
-        passage_input_ids=full.passage_input_ids[ps],
-        passage_attention_mask=full.passage_attention_mask[ps],
-        erasure_input_ids=full.erasure_input_ids[xs],
-        erasure_attention_mask=full.erasure_attention_mask[xs],
-        erasure_languages=full.erasure_languages[xs],
-    )
-
-
 def main(config: str, out: str, sabotage: str = "") -> None:
     cfg = load_config(config)
     tr = Trainer(cfg)
     full = next(iter(TrainStream(cfg, tr.tokenizer, rank=0, world_size=1)))
     r, w = tr.rank, tr.world
-    b = _local_share(full, r, w, cfg.data.retrieval.group_size).to(tr.device)
+    b = full.shard(r, w).to(tr.device)
     model = tr.accelerator.unwrap_model(tr.model)
     ref = BiEncoder.from_config(cfg.model).to(dtype=next(model.parameters()).dtype, device=tr.device)
     ref.load_state_dict({k: v.detach().clone() for k, v in model.state_dict().items()})

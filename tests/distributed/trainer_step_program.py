@@ -3,7 +3,6 @@ split evenly over the ranks; rank 0 writes the parameters and metrics for the te
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -20,20 +19,8 @@ def main(config: str, out: str) -> None:
     cfg = load_config(config)
     tr = Trainer(cfg)
     full = next(iter(TrainStream(cfg, tr.tokenizer, rank=0, world_size=1)))
-    r, w, g = tr.rank, tr.world, cfg.data.retrieval.group_size
-    b = full.query_input_ids.shape[0] // w
-    m = full.erasure_input_ids.shape[0] // w
-    qs, ps, xs = slice(r * b, (r + 1) * b), slice(r * b * g, (r + 1) * b * g), slice(r * m, (r + 1) * m)
-    local = dataclasses.replace(
-        full,
-        query_input_ids=full.query_input_ids[qs],
-        query_attention_mask=full.query_attention_mask[qs],
-        passage_input_ids=full.passage_input_ids[ps],
-        passage_attention_mask=full.passage_attention_mask[ps],
-        erasure_input_ids=full.erasure_input_ids[xs],
-        erasure_attention_mask=full.erasure_attention_mask[xs],
-        erasure_languages=full.erasure_languages[xs],
-    )
+    r, w = tr.rank, tr.world
+    local = full.shard(r, w)
     metrics = tr.train_step(local)
     if r == 0:
         model = tr.accelerator.unwrap_model(tr.model)

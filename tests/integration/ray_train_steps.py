@@ -12,7 +12,6 @@ per-rank split depends on the world size).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -29,24 +28,12 @@ def _run_steps(cfg: RunConfig, out: Path, steps: int, where: dict[str, Any]) -> 
     from lancer_dist.train.trainer import Trainer
 
     tr = Trainer(cfg)
-    r, w, g = tr.rank, tr.world, cfg.data.retrieval.group_size
+    r, w = tr.rank, tr.world
     metrics = []
     stream = iter(TrainStream(cfg, tr.tokenizer, rank=0, world_size=1))
     for _ in range(steps):
         full = next(stream)
-        b = full.query_input_ids.shape[0] // w
-        m = full.erasure_input_ids.shape[0] // w
-        qs, ps, xs = slice(r * b, (r + 1) * b), slice(r * b * g, (r + 1) * b * g), slice(r * m, (r + 1) * m)
-        local = dataclasses.replace(
-            full,
-            query_input_ids=full.query_input_ids[qs],
-            query_attention_mask=full.query_attention_mask[qs],
-            passage_input_ids=full.passage_input_ids[ps],
-            passage_attention_mask=full.passage_attention_mask[ps],
-            erasure_input_ids=full.erasure_input_ids[xs],
-            erasure_attention_mask=full.erasure_attention_mask[xs],
-            erasure_languages=full.erasure_languages[xs],
-        )
+        local = full.shard(r, w)
         metrics.append(tr.train_step(local))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"worker-rank{r}.json").write_text(json.dumps({**where, "world": w}))

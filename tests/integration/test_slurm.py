@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.integration.trainrun import submit_slurm
 from tests.servers import MlflowServer, SlurmCluster, free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -39,19 +38,9 @@ def mlflow(tmp_path_factory: pytest.TempPathFactory):
         yield srv
 
 
-def _submit(slurm: SlurmCluster, args: list[str], env: dict[str, str]) -> dict[str, int]:
-    r = subprocess.run(
-        [sys.executable, "-m", "lancer_dist.cli", "submit", "slurm", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stderr
-    ids = {m.group(1): int(m.group(2)) for m in re.finditer(r"submitted (\w+): job (\d+)", r.stdout)}
-    assert "train" in ids, r.stdout
-    assert "MLflow: experiment 'lancer-tiny'" in r.stdout, r.stdout
+def _submit(args: list[str], env: dict[str, str]) -> dict[str, int]:
+    ids, out = submit_slurm(args, env)
+    assert "MLflow: experiment 'lancer-tiny'" in out, out
     return ids
 
 
@@ -106,7 +95,7 @@ def test_two_node_training_preempted_requeued_resumed(
             "--log-dir",
             str(logs),
         ]
-        ids = _submit(slurm, [*launch, "--signal-seconds", "60", "--then", "eval", *overrides], env)
+        ids = _submit([*launch, "--signal-seconds", "60", "--then", "eval", *overrides], env)
         assert set(ids) == {"train", "eval"}
         assert slurm.job(ids["eval"])["Dependency"].startswith(f"afterok:{ids['train']}")
         job = ids["train"]

@@ -7,7 +7,6 @@ Skips when SLURM is not installed. Run under ``flock /tmp/lancer-slurm.lock`` on
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,28 +14,13 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.integration.trainrun import check, run_group
+from tests.integration.trainrun import check, run_group, submit_slurm
 from tests.servers import SlurmCluster, free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
-
-
-def _submit(slurm: SlurmCluster, args: list[str], env: dict[str, str]) -> int:
-    r = subprocess.run(
-        [sys.executable, "-m", "lancer_dist.cli", "submit", "slurm", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stderr
-    m = re.search(r"submitted train: job (\d+)", r.stdout)
-    assert m, r.stdout
-    return int(m.group(1))
 
 
 def test_job_resubmitted_on_fewer_nodes_resumes(
@@ -61,7 +45,7 @@ def test_job_resubmitted_on_fewer_nodes_resumes(
     with SlurmCluster(tmp_path / "slurm") as slurm:
         env = dict(slurm.env, OMP_NUM_THREADS="1", LANCER_RDZV_PORT=str(free_port()), PYTHONPATH=str(REPO))
         launch = ["--config", "configs/tiny.yaml", "--gpus-per-node", "0", "--log-dir", str(logs)]
-        first = _submit(slurm, [*launch, "--nodes", "2", *overrides], env)
+        first = submit_slurm([*launch, "--nodes", "2", *overrides], env)[0]["train"]
         deadline = time.monotonic() + 600
         while not (ckpt / "step-00000002" / "trainer_state.json").is_file():
             info = slurm.job(first)
@@ -74,7 +58,7 @@ def test_job_resubmitted_on_fewer_nodes_resumes(
         assert not (run / "final_model").exists()
 
         # resubmitted on one node (1 rank): picks up the newest checkpoint of the 2-rank job
-        second = _submit(slurm, [*launch, "--nodes", "1", *overrides], env)
+        second = submit_slurm([*launch, "--nodes", "1", *overrides], env)[0]["train"]
         info = slurm.wait(second, timeout=900)
         text = (logs / f"lancer-{second}.out").read_text()
         assert info["JobState"] == "COMPLETED", f"{info}\n{text[-4000:]}"

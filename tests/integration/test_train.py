@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from tests.integration.trainrun import (
     check,
+    complete_checkpoints,
     run_group,
     run_train,
     start_group,
@@ -173,9 +174,7 @@ def test_preemption_checkpoints_and_exits_for_requeue(tmp_path, bible_data, e5_s
             os.killpg(proc.pid, signal.SIGKILL)
     # torchrun reports a failed worker group with its own exit code; each worker exits with 75
     assert f"exitcode  : {PREEMPTED_EXIT_CODE}" in err or proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
-    ckpts = sorted(
-        p for p in (tmp_path / "run/checkpoints").glob("step-*") if (p / "trainer_state.json").is_file()
-    )
+    ckpts = complete_checkpoints(tmp_path / "run/checkpoints")
     assert len(ckpts) == 1
     stopped_at = json.loads((ckpts[0] / "trainer_state.json").read_text())["step"]
     assert 0 < stopped_at < 400

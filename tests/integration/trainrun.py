@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,4 +143,32 @@ def run_group(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
 def check(proc: subprocess.CompletedProcess, code: int = 0) -> None:
     assert proc.returncode == code, (
         f"exit {proc.returncode} != {code}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}"
+    )
+
+
+def submit_slurm(args: list[str], env: dict[str, str]) -> tuple[dict[str, int], str]:
+    """``lancer submit slurm ARGS``: the job ids it printed (``{"train": id, "eval": id, ...}``) and its stdout."""
+    r = subprocess.run(
+        [sys.executable, "-m", "lancer_dist.cli", "submit", "slurm", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    ids = {m.group(1): int(m.group(2)) for m in re.finditer(r"submitted (\w+): job (\d+)", r.stdout)}
+    assert "train" in ids, r.stdout
+    return ids, r.stdout
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The committed checkpoints in ``ckpt_dir``, oldest first: renamed from ``step-N.tmp`` with their manifest (a
+    ``.tmp`` directory already holds ``trainer_state.json`` while the save is still running)."""
+    from lancer_dist.train.checkpoint import CKPT_PREFIX, MANIFEST
+
+    return sorted(
+        p
+        for p in ckpt_dir.glob(f"{CKPT_PREFIX}*")
+        if not p.name.endswith(".tmp") and (p / MANIFEST).is_file()
     )

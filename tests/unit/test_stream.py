@@ -37,18 +37,10 @@ WORDS = [f"w{i}" for i in range(40)]
 
 
 def make_tokenizer(words: list[str] = WORDS) -> Any:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from lancer_dist.retrieval.tiny import word_tokenizer
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
-    vocab = {w: i for i, w in enumerate([*specials, "query:", "passage:", *LANGS, *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    return word_tokenizer(
+        ["query:", "passage:", *LANGS, *words], specials=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
     )
 
 
@@ -373,6 +365,19 @@ def test_global_batch_is_independent_of_world_size_and_workers(
     # the data are really consumed (epochs roll: 12 steps x 3 'fr' passages > 7 'fr' records)
     fr = [k for b in ref for k in b.erasure_keys if k.startswith("fr")]
     assert set(fr) == {f"fr-{i:03d}" for i in range(7)}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shard_of_the_global_batch_is_what_each_rank_streams(tmp_path: Path, tok: Any, world: int) -> None:
+    """``TrainBatch.shard(r, W)`` of the one-process batch holds exactly rank r's rows of a W-rank stream (keys,
+    docids, languages and unpadded token ids; only padding may differ)."""
+    ref = run_all(make_cfg(tmp_path, **WORLD_CFG), tok, world=1)[0]
+    ranks = run_all(make_cfg(tmp_path, **WORLD_CFG), tok, world=world)
+    for t in range(4):
+        for r in range(world):
+            assert _global_view([ref[t].shard(r, world)]) == _global_view([ranks[r][t]])
+    with pytest.raises(ValueError, match="do not split over 4 ranks"):
+        ref[0].shard(0, 4)
 
 
 def test_resume_on_another_world_size_and_workers(tmp_path: Path, tok: Any) -> None:
