@@ -323,9 +323,15 @@ class TrackingConfig:
     run_name: str = ""
     # Seconds between retries of a tracking server that went away; records are buffered meanwhile.
     retry_seconds: float = 5.0
+    # How long a run waits for the store at its start (for the run id; the run is created later if the store is down)
+    # and at its end (for undelivered records; what is left stays in the spool for `lancer tracking upload`).
+    start_timeout_s: float = 30.0
+    finish_timeout_s: float = 120.0
 
     def validate(self, p: str) -> None:
         _check(self.retry_seconds > 0, f"{p}.retry_seconds", self.retry_seconds, "a number > 0")
+        for name in ("start_timeout_s", "finish_timeout_s"):
+            _check(getattr(self, name) >= 0, f"{p}.{name}", getattr(self, name), "a number of seconds >= 0")
         _check(
             tracking_uri_ok(self.tracking_uri),
             f"{p}.tracking_uri",

@@ -46,12 +46,6 @@ from lancer_dist.train.tracking import Tracker, resolve_tracking_uri
 
 __all__ = ["EvalCollection", "EvalReport", "format_table", "load_eval_collection", "metric_key", "run_eval"]
 
-# How long evaluation waits for the tracking store: for the run's creation at the start, and at the end for the
-# outbox to drain. Evaluation never blocks on the store in between (records go to the on-disk outbox); what is not
-# delivered by the end stays in <eval output>/mlflow_spool for `python -m lancer_dist.train.tracking upload`.
-TRACKER_START_TIMEOUT_S = 10.0
-TRACKER_FINISH_TIMEOUT_S = 60.0
-
 
 def metric_key(*parts: str) -> str:
     """An MLflow-safe metric name: ``metric_key("base", "crosslingual", "nDCG@10")`` -> ``base/crosslingual/nDCG_at_10``.
@@ -297,13 +291,7 @@ def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] =
     tracking = dataclasses.replace(
         cfg.tracking, tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output_dir)
     )
-    tracker = Tracker(
-        tracking,
-        run_dir=out,
-        rank=0,
-        start_timeout_s=TRACKER_START_TIMEOUT_S,
-        finish_timeout_s=TRACKER_FINISH_TIMEOUT_S,
-    )
+    tracker = Tracker(tracking, run_dir=out, rank=0)
     report.mlflow_run_id = tracker.start({"eval": config_to_dict(ev)}, run_name=f"eval-{cfg.name}")
     started_ray = ensure_ray(ev.ray_address)
     status = "FAILED"

@@ -625,8 +625,9 @@ class Tracker:
         enabled: overrides ``cfg.enabled``.
         rank: this process's global rank; ``None`` = :func:`lancer_dist.dist.get_rank` (or ``$RANK`` before the
             process group exists).
-        start_timeout_s: how long :meth:`start` waits for the run id (the run is created later if the store is down).
-        finish_timeout_s: default of :meth:`finish`'s wait for the last records.
+        start_timeout_s: how long :meth:`start` waits for the run id (the run is created later if the store is down);
+            ``None`` = ``cfg.start_timeout_s``.
+        finish_timeout_s: default of :meth:`finish`'s wait for the last records; ``None`` = ``cfg.finish_timeout_s``.
     """
 
     def __init__(
@@ -636,8 +637,8 @@ class Tracker:
         run_dir: str | Path,
         enabled: bool | None = None,
         rank: int | None = None,
-        start_timeout_s: float = 30.0,
-        finish_timeout_s: float = 120.0,
+        start_timeout_s: float | None = None,
+        finish_timeout_s: float | None = None,
     ):
         self.cfg = cfg
         self.rank = _env_rank() if rank is None else rank
@@ -646,8 +647,8 @@ class Tracker:
         self.run_dir = Path(run_dir).resolve()
         self.tracking_uri = resolve_tracking_uri(cfg.tracking_uri, self.run_dir)
         self.spool_dir = self.run_dir / SPOOL_DIRNAME
-        self.start_timeout_s = start_timeout_s
-        self.finish_timeout_s = finish_timeout_s
+        self.start_timeout_s = cfg.start_timeout_s if start_timeout_s is None else start_timeout_s
+        self.finish_timeout_s = cfg.finish_timeout_s if finish_timeout_s is None else finish_timeout_s
         self._outbox: _Outbox | None = None
         self._finished = False
         self._io_error_reported = False
