@@ -31,7 +31,7 @@ def _uptime() -> str:
 
 
 def write_corpus(path: Path, n: int) -> None:
-    from lancer_dist.data.bible import BibleDB, is_empty_verse
+    from lancer_dist.offline.bible import BibleDB, is_empty_verse
 
     if path.is_file():
         with open(path) as f:

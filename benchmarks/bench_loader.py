@@ -53,10 +53,8 @@ def main() -> int:
 
     data = Path(args.data)
     if not (data / "erasure" / "manifest.json").is_file():
-        print(
-            f"NOTE: no Bible shards under {data}; building them (lancer_dist.data.offline)", file=sys.stderr
-        )
-        from lancer_dist.data.offline import ensure_bible_data
+        print(f"NOTE: no Bible shards under {data}; building them (lancer_dist.offline)", file=sys.stderr)
+        from lancer_dist.offline import ensure_bible_data
 
         ensure_bible_data(data)
     tok, tok_name = _tokenizer(Path(args.tokenizer))

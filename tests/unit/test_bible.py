@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from lancer_dist.data.bible import (
+from lancer_dist.data.collections import read_beir
+from lancer_dist.data.shards import load_shard, read_manifest
+from lancer_dist.offline.bible import (
     ALL_LANGUAGES,
     BibleDB,
     BibleOptions,
@@ -19,8 +21,6 @@ from lancer_dist.data.bible import (
     is_empty_verse,
     parse_verse_id,
 )
-from lancer_dist.data.collections import read_beir
-from lancer_dist.data.shards import load_shard, read_manifest
 
 
 def _records(d: Path) -> list[tuple[str, dict]]:
@@ -234,7 +234,7 @@ def test_parallel_builders_build_once(tmp_path: Path) -> None:
     """Two processes asking for the same data: one builds (in a temp dir, renamed into place), the other waits."""
     out = tmp_path / "bible"
     code = (
-        "import sys, json; from lancer_dist.data.offline import ensure_bible_data; "
+        "import sys, json; from lancer_dist.offline import ensure_bible_data; "
         "p = ensure_bible_data(sys.argv[1], languages=['en', 'de'], eval_languages=['en', 'de'], "
         "passages_per_language=5, probe_per_language=2, eval_queries=3, eval_distractors=3, max_groups=5); "
         "print(json.load(open(p / 'summary.json'))['seconds'])"

@@ -85,8 +85,8 @@ def register(dsub: argparse._SubParsersAction) -> None:
 
 
 def _backbone(args: argparse.Namespace) -> int:
-    from lancer_dist.data.backbone import SHRINK_META, verify_against_engine
-    from lancer_dist.data.offline import ensure_backbone
+    from lancer_dist.offline import ensure_backbone
+    from lancer_dist.offline.backbone import SHRINK_META, verify_against_engine
 
     t0 = time.perf_counter()
     if args.force and args.out:
@@ -115,7 +115,7 @@ def _backbone(args: argparse.Namespace) -> int:
 
 
 def _bible(args: argparse.Namespace) -> int:
-    from lancer_dist.data.offline import default_bible_path, ensure_bible_data
+    from lancer_dist.offline import default_bible_path, ensure_bible_data
 
     opts: dict[str, Any] = {}
     for name in (

