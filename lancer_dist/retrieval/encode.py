@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from lancer_dist import fileio
+from lancer_dist.fileio import atomic_write_json
 from lancer_dist.retrieval.encoder_io import EncoderSpec, load_encoder
 from lancer_dist.retrieval.ray_utils import ensure_ray
 from lancer_dist.retrieval.store import (
@@ -32,7 +34,6 @@ from lancer_dist.retrieval.store import (
     plan_shards,
     read_corpus_range,
     shard_done,
-    write_json_atomic,
     write_shard,
 )
 
@@ -151,7 +152,7 @@ def _prepare(
     plans = plan_shards(corpus, shard_size)
     manifest = _job_manifest(spec, corpus, shard_size, dtype, plans)
     _check_resumable(out, manifest)
-    write_json_atomic(out / "manifest.json", manifest)
+    atomic_write_json(out / "manifest.json", manifest)
     todo = [p for p in plans if not shard_done(out, p)]
     return out, plans, manifest, todo
 
@@ -175,15 +176,7 @@ def _finish(out: Path, manifest: dict[str, Any], plans: list[ShardPlan]) -> None
     if plans:
         manifest["dim"] = int(np.load(out / f"emb-{plans[0].index:05d}.npy", mmap_mode="r").shape[1])
     manifest["complete"] = True
-    write_json_atomic(out / "manifest.json", manifest)
-
-
-def _progress(total: int, initial: int, enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total, initial=initial, unit="passage", unit_scale=True, desc="encode", disable=not enabled
-    )
+    atomic_write_json(out / "manifest.json", manifest)
 
 
 def encode_corpus_local(
@@ -202,7 +195,7 @@ def encode_corpus_local(
     out, plans, manifest, todo = _prepare(spec, corpus_path, out_dir, shard_size, dtype)
     enc = encoder if encoder is not None else load_encoder(spec)
     done_before = sum(p.count for p in plans) - sum(p.count for p in todo)
-    with _progress(manifest["num_passages"], done_before, progress) as bar:
+    with fileio.progress("encode", "passage", manifest["num_passages"], done_before, progress) as bar:
         for p in todo:
             res = encode_shard(enc, p, out, dtype, batch_size)
             manifest["shards"][p.index]["attempts"] += 1
@@ -341,7 +334,7 @@ class EncoderPool:
         for slot in list(self.actors):
             submit(slot)
         done_before = manifest["num_passages"] - sum(p.count for p in todo)
-        with _progress(manifest["num_passages"], done_before, progress) as bar:
+        with fileio.progress("encode", "passage", manifest["num_passages"], done_before, progress) as bar:
             while refs:
                 ready, _ = ray.wait(list(refs), num_returns=1)
                 slot, plan = refs.pop(ready[0])

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from lancer_dist.fileio import atomic_write_json
+
 __all__ = [
     "CorpusFormatError",
     "EmbeddingStore",
@@ -32,7 +34,6 @@ __all__ = [
     "plan_shards",
     "read_corpus_range",
     "shard_done",
-    "write_json_atomic",
     "write_shard",
     "write_store",
 ]
@@ -139,12 +140,6 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = _tmp(path)
-    tmp.write_text(json.dumps(obj, ensure_ascii=False))
-    os.replace(tmp, path)
-
-
 def emb_path(out_dir: Path, index: int) -> Path:
     return out_dir / f"emb-{index:05d}.npy"
 
@@ -169,7 +164,7 @@ def write_shard(
     with open(tmp, "wb") as f:
         np.save(f, emb_ND, allow_pickle=False)
     os.replace(tmp, e)
-    write_json_atomic(ids_path(out_dir, index), {"ids": ids, "langs": langs, "skipped": skipped or []})
+    atomic_write_json(ids_path(out_dir, index), {"ids": ids, "langs": langs, "skipped": skipped or []})
 
 
 def shard_done(out_dir: Path, plan: ShardPlan) -> bool:
@@ -259,7 +254,7 @@ def write_store(
         end = min(n, start + shard_size)
         write_shard(out, i, ids[start:end], langs[start:end], emb_ND[start:end])
         shards.append({"index": i, "count": end - start, "rows": end - start, "attempts": 1})
-    write_json_atomic(
+    atomic_write_json(
         out / "manifest.json",
         {
             "format": FORMAT,

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from lancer_dist import dist
+from lancer_dist.fileio import atomic_write_json
 
 log = logging.getLogger("lancer.train")
 
@@ -274,7 +275,7 @@ class CheckpointManager:
             files.update(json.loads(part.read_text()))
             part.unlink()
         manifest = {"format": MANIFEST_FORMAT, "world_size": self.world, "files": dict(sorted(files.items()))}
-        _atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        atomic_write_json(tmp / MANIFEST, manifest, fsync=True, indent=1)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         _fsync_dir(self.directory)
@@ -393,15 +394,6 @@ def _fresh_dir(path: Path) -> None:
 
 def _bind(fn: Callable[[Path], None], path: Path) -> Callable[[], None]:
     return lambda: fn(path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def _fsync_dir(path: Path) -> None:

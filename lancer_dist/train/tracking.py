@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from lancer_dist.config import TrackingConfig, flatten
+from lancer_dist.fileio import atomic_write_json
 from lancer_dist.redact import redact, redact_mapping, redact_uri
 
 __all__ = ["Tracker", "resolve_tracking_uri", "upload_spool"]
@@ -162,12 +163,6 @@ def _is_transient(exc: BaseException) -> bool:
         "OperationalError",
         "DisconnectionError",
     }
-
-
-def _atomic_write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -415,7 +410,7 @@ class _Outbox:
         self.save_state()
 
     def save_state(self) -> None:
-        _atomic_write_json(
+        atomic_write_json(
             self.state_path,
             {
                 "offset": self.offset,

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from lancer_dist import dist
 from lancer_dist.config import ConfigError, RunConfig, config_to_dict
+from lancer_dist.fileio import progress
 from lancer_dist.losses import LossOutput, lancer_loss
 from lancer_dist.train.checkpoint import CheckpointManager, Part
 from lancer_dist.train.lock import acquire_for_job
@@ -597,7 +598,7 @@ class Trainer:
         try:
             if self.step == 0:
                 self.run_probe()
-            bar = _progress(self.rank == 0, cfg.train.steps, self.step)
+            bar = progress("train", "step", cfg.train.steps, self.step, enabled=self.rank == 0)
             for batch in self.stream:
                 metrics = self.train_step(batch)
                 self.step += 1
@@ -673,20 +674,6 @@ class Trainer:
 
 def _fmt(m: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in m.items() if k != "step")
-
-
-class _NoBar:
-    def update(self, n: int) -> None: ...
-    def set_postfix(self, **kw: Any) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress(enabled: bool, total: int, initial: int) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
 def _setup_logging(rank: int) -> None:

@@ -1,0 +1,56 @@
+"""Small file helpers shared by training, evaluation and tracking: atomic writes and progress bars."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_write_json", "atomic_write_text", "progress"]
+
+
+def atomic_write_text(path: str | Path, text: str, *, fsync: bool = False) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never a part: a temporary file
+    beside it (unique per process), then ``os.replace``. ``fsync``: flush to disk before the rename (checkpoints)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, obj: Any, *, fsync: bool = False, indent: int | None = None) -> None:
+    """:func:`atomic_write_text` of ``obj`` as JSON (non-ASCII kept as is)."""
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent), fsync=fsync)
+
+
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None: ...
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, **kw: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def progress(desc: str, unit: str, total: int, initial: int = 0, enabled: bool = True) -> Any:
+    """A tqdm bar on stderr (or a no-op with the same methods when ``enabled`` is false, e.g. on ranks > 0)."""
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        unit_scale=True,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
