@@ -8,20 +8,5 @@
 * :mod:`.cli`: ``lancer data backbone | bible | collection``.
 """
 
-from lancer_dist.offline.build import (
-    DEFAULT_BACKBONE_NAME,
-    default_backbone_path,
-    default_bible_path,
-    ensure_backbone,
-    ensure_bible_data,
-    iter_corpus_texts,
-)
-
-__all__ = [
-    "DEFAULT_BACKBONE_NAME",
-    "default_backbone_path",
-    "default_bible_path",
-    "ensure_backbone",
-    "ensure_bible_data",
-    "iter_corpus_texts",
-]
+from lancer_dist.offline.build import *  # noqa: F403  (the builders are the package's API)
+from lancer_dist.offline.build import __all__ as __all__

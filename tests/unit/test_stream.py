@@ -19,6 +19,7 @@ from lancer_dist.config import ConfigError, RunConfig, load_config
 from lancer_dist.data.errors import SkipCounter
 from lancer_dist.data.shards import ShardWriter, read_manifest
 from lancer_dist.data.stream import (
+    _BATCH_TENSORS,
     StreamPlan,
     SubStream,
     TrainBatch,
@@ -110,24 +111,32 @@ def run_all(cfg: RunConfig, tok: Any, world: int, **kw: Any) -> list[list[TrainB
     return [list(TrainStream(cfg, tok, rank=r, world_size=world, **kw)) for r in range(world)]
 
 
+def erasure_plan(m: Any, skip: bool) -> StreamPlan:
+    """A one-process plan over the erasure shards of manifest ``m`` alone (one passage per language and step)."""
+    return StreamPlan(
+        rank=0,
+        world_size=1,
+        num_roles=1,
+        seed=0,
+        shuffle_buffer=0,
+        skip_bad=skip,
+        group_size=1,
+        queries_per_step=0,
+        per_language=1,
+        languages=sorted(m.totals),
+        erasure=m,
+        retrieval=None,
+        collator=None,
+    )
+
+
 def same_batch(a: TrainBatch, b: TrainBatch) -> bool:
     return (
         a.step == b.step
         and a.query_keys == b.query_keys
         and a.passage_docids == b.passage_docids
         and a.erasure_keys == b.erasure_keys
-        and all(
-            torch.equal(getattr(a, f), getattr(b, f))
-            for f in (
-                "query_input_ids",
-                "query_attention_mask",
-                "passage_input_ids",
-                "passage_attention_mask",
-                "erasure_input_ids",
-                "erasure_attention_mask",
-                "erasure_languages",
-            )
-        )
+        and all(torch.equal(getattr(a, f), getattr(b, f)) for f in _BATCH_TENSORS)
     )
 
 
@@ -214,22 +223,7 @@ def _substreams(
 
         spec = _SubSpec("retrieval", m, tuple(m.shards), None)
     else:
-        plan = StreamPlan(
-            rank=0,
-            world_size=1,
-            num_roles=1,
-            seed=0,
-            shuffle_buffer=0,
-            skip_bad=skip,
-            group_size=1,
-            queries_per_step=0,
-            per_language=1,
-            languages=sorted(m.totals),
-            erasure=m,
-            retrieval=None,
-            collator=None,
-        )
-        spec = plan.erasure_spec(lang)
+        spec = erasure_plan(m, skip).erasure_spec(lang)
     del cfg
     return [
         SubStream(

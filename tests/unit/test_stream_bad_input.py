@@ -15,7 +15,7 @@ import pytest
 from lancer_dist.data.errors import DataError, SkipCounter
 from lancer_dist.data.shards import load_shard, read_manifest
 from lancer_dist.data.stream import SubStream, TrainStream
-from tests.unit.test_stream import LANGS, make_cfg, make_tokenizer, write_groups, write_passages
+from tests.unit.test_stream import LANGS, erasure_plan, make_cfg, make_tokenizer, write_groups, write_passages
 
 
 @pytest.fixture(scope="module")
@@ -126,24 +126,8 @@ def test_each_bad_record_is_counted_by_exactly_one_slot(tmp_path: Path) -> None:
     _rewrite(
         root, name, [(k, {"lang": "en", "text": ""} if k in ("en-010", "en-011") else r) for k, r in recs]
     )
-    from lancer_dist.data.stream import StreamPlan
-
     m = read_manifest(root)
-    plan = StreamPlan(
-        rank=0,
-        world_size=1,
-        num_roles=1,
-        seed=0,
-        shuffle_buffer=0,
-        skip_bad=True,
-        group_size=1,
-        queries_per_step=0,
-        per_language=1,
-        languages=sorted(m.totals),
-        erasure=m,
-        retrieval=None,
-        collator=None,
-    )
+    plan = erasure_plan(m, skip=True)
     for S in (1, 2, 4, 5, 9):
         total: Counter[str] = Counter()
         keys: list[str] = []
