@@ -135,6 +135,9 @@ class LossConfig:
     erasure_weight: float = 1.0
     # Added to sigma_X * sigma_Z in the correlation's denominator (keeps absent languages and constant dims finite).
     erasure_eps: float = 1e-8
+    # "abs": the paper's mean |rho|; "squared": mean rho^2; "debiased": mean adjusted rho^2, 0 with no signal
+    # (lancer_dist/losses/erasure.py, docs/science.md).
+    erasure_form: Literal["abs", "squared", "debiased"] = "abs"
     # Gather passages from every rank as negatives for every query (cross-device negatives).
     gather_negatives: bool = True
 

@@ -260,6 +260,7 @@ class Trainer:
             temperature=c.model.temperature,
             erasure_weight=c.loss.erasure_weight,
             erasure_eps=c.loss.erasure_eps,
+            erasure_form=c.loss.erasure_form,
             gather_negatives=c.loss.gather_negatives,
             collectives=self.collectives,
         )
@@ -371,6 +372,12 @@ class Trainer:
             "loss/total": losses[0],
             "loss/retrieval": losses[1],
             "loss/erasure": losses[2],
+            # the readable L_C: mean |rho| of the global erasure batch against its no-signal expectation
+            "loss/erasure_abs": out.erasure_abs,
+            "loss/erasure_floor": out.erasure_floor,
+            "loss/erasure_over_floor": out.erasure_abs / out.erasure_floor
+            if out.erasure_floor > 0
+            else float("nan"),
             "lr": lr,
             "grad_norm": grad_norm,
             "passages_per_s": pas_g / dt,

@@ -214,6 +214,18 @@ def test_single_process_run_is_tracked_in_mlflow_with_probe(tmp_path, bible_data
     ):
         hist = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in hist] == [1, 2, 3, 4], key
+    # L_C beside its noise floor for the GLOBAL erasure batch (4 languages x 2 passages = 8 rows)
+    from lancer_dist.losses import null_abs_correlation
+
+    hist = {
+        k: [m.value for m in client.get_metric_history(run.info.run_id, f"loss/{k}")]
+        for k in ("erasure", "erasure_abs", "erasure_floor", "erasure_over_floor")
+    }
+    assert hist["erasure_floor"] == pytest.approx([null_abs_correlation(8)] * 4)
+    assert hist["erasure_abs"] == pytest.approx(hist["erasure"])  # the paper's form: L_C is mean |rho|
+    assert hist["erasure_over_floor"] == pytest.approx(
+        [a / f for a, f in zip(hist["erasure_abs"], hist["erasure_floor"], strict=True)]
+    )
     probe = client.get_metric_history(run.info.run_id, "probe/test_accuracy")
     assert [m.step for m in probe] == [0, 2, 4]
     assert all(0.0 <= m.value <= 1.0 for m in probe)
