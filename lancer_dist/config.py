@@ -138,12 +138,16 @@ class LossConfig:
     # "abs": the paper's mean |rho|; "squared": mean rho^2; "debiased": mean adjusted rho^2, 0 with no signal
     # (lancer_dist/losses/erasure.py, docs/science.md).
     erasure_form: Literal["abs", "squared", "debiased"] = "abs"
+    # > 0: the erasure passages are encoded this many at a time and L_C's statistics accumulated over the
+    # micro-batches, exactly (lancer_dist/train/erasure_chunks.py); 0 = in the step's one forward.
+    erasure_chunk: int = 0
     # Gather passages from every rank as negatives for every query (cross-device negatives).
     gather_negatives: bool = True
 
     def validate(self, p: str) -> None:
         _check(self.erasure_weight >= 0, f"{p}.erasure_weight", self.erasure_weight, "a number >= 0")
         _check(self.erasure_eps > 0, f"{p}.erasure_eps", self.erasure_eps, "a number > 0")
+        _check(self.erasure_chunk >= 0, f"{p}.erasure_chunk", self.erasure_chunk, "an integer >= 0 (0 = off)")
 
 
 @dataclass
@@ -510,6 +514,20 @@ class RunConfig:
     def validate(self, p: str) -> None:
         _check(bool(self.name), f"{p}name", self.name, "a non-empty run name")
         _check(bool(self.output_dir), f"{p}output_dir", self.output_dir, "a non-empty output directory")
+        if self.loss.erasure_chunk:
+            _check(
+                self.train.grad_cache_chunk_size == 0,
+                f"{p}loss.erasure_chunk",
+                self.loss.erasure_chunk,
+                "0 when train.grad_cache_chunk_size is set (gradient caching already encodes the erasure "
+                "passages chunk by chunk)",
+            )
+            _check(
+                self.train.strategy == "ddp",
+                f"{p}loss.erasure_chunk",
+                self.loss.erasure_chunk,
+                "0 with train.strategy deepspeed (micro-batched erasure is implemented and tested for ddp only)",
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -230,6 +230,24 @@ def erasure_terms_from_stats(stats: CorrelationStats, form: str = "abs", eps: fl
     )
 
 
+def erasure_stats_gradient(
+    stats: CorrelationStats, form: str = "abs", eps: float = 1e-8
+) -> tuple[ErasureTerms, CorrelationStats]:
+    """The erasure terms of (global, detached) statistics and the gradient of the loss w.r.t. each statistic.
+
+    For micro-batched erasure (``lancer_dist.train.erasure_chunks``): since every statistic is a sum over rows,
+    ``(correlation_stats(x_chunk, ...).flatten() * grad.flatten()).sum()`` has, w.r.t. ``x_chunk``, exactly the
+    gradient of the loss of the whole batch w.r.t. those rows. The count's gradient is returned but unused (N does
+    not depend on x)."""
+    k, n = stats.sum_xz.shape
+    flat = stats.flatten().detach().requires_grad_(True)
+    with torch.enable_grad():
+        terms = erasure_terms_from_stats(CorrelationStats.unflatten(flat, k, n), form, eps)
+        (grad,) = torch.autograd.grad(terms.loss, flat)
+    terms.loss = terms.loss.detach()
+    return terms, CorrelationStats.unflatten(grad, k, n)
+
+
 def erasure_terms(
     x: Tensor,
     languages: Tensor,
