@@ -311,9 +311,13 @@ class ProbeConfig:
     path: str = ""
     train_per_language: int = 32
     test_per_language: int = 16
+    # Folds of the cross-validation that picks the probe's regularisation on its train split (capped by
+    # train_per_language; lancer_dist/language_probe.py).
+    cv_folds: int = 5
 
     def validate(self, p: str) -> None:
         _check(self.every >= 1, f"{p}.every", self.every, "an integer >= 1")
+        _check(self.cv_folds >= 2, f"{p}.cv_folds", self.cv_folds, "an integer >= 2")
         _check(self.train_per_language >= 2, f"{p}.train_per_language", self.train_per_language, ">= 2")
         _check(self.test_per_language >= 1, f"{p}.test_per_language", self.test_per_language, ">= 1")
 

@@ -229,6 +229,14 @@ def test_single_process_run_is_tracked_in_mlflow_with_probe(tmp_path, bible_data
     probe = client.get_metric_history(run.info.run_id, "probe/test_accuracy")
     assert [m.step for m in probe] == [0, 2, 4]
     assert all(0.0 <= m.value <= 1.0 for m in probe)
+    # the accuracy's 95 % interval is logged with it (lancer_dist.language_probe.wilson_interval)
+    from lancer_dist.language_probe import wilson_interval
+
+    size = client.get_metric_history(run.info.run_id, "probe/test_size")
+    low = client.get_metric_history(run.info.run_id, "probe/test_accuracy_low")
+    high = client.get_metric_history(run.info.run_id, "probe/test_accuracy_high")
+    for a, n, lo, hi in zip(probe, size, low, high, strict=True):
+        assert (lo.value, hi.value) == pytest.approx(wilson_interval(round(a.value * n.value), int(n.value)))
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "probe_curve.png", "model"} <= arts
     model_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model")}

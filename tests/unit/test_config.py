@@ -38,6 +38,7 @@ def test_overrides_are_typed_and_nested():
         ("train.lrr=1", "train.lrr", "a known field of TrainConfig"),
         ("model.temperature=0", "model.temperature", "> 0"),
         ("loss.erasure_form=cubic", "loss.erasure_form", "one of 'abs', 'squared', 'debiased'"),
+        ("probe.cv_folds=1", "probe.cv_folds", "an integer >= 2"),
     ],
 )
 def test_bad_values_name_field_value_and_expectation(override, field, expected):
