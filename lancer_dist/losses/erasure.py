@@ -185,8 +185,14 @@ def null_expectation(form: str, n: float) -> float:
     raise ValueError(f"erasure form must be one of {ERASURE_FORMS}, got {form!r}")
 
 
-def erasure_from_correlation(rho_KL: Tensor, count: float, form: str = "abs") -> Tensor:
-    """Reduce a [k, n] correlation matrix over ``count`` rows to the scalar loss of the given form."""
+def erasure_from_correlation(
+    rho_KL: Tensor, count: float, form: str = "abs", live_KL: Tensor | None = None
+) -> Tensor:
+    """Reduce a [k, n] correlation matrix over ``count`` rows to the scalar loss of the given form.
+
+    ``live_KL`` (bool [k, n], default all) marks the cells that can correlate at all; the debiased form counts the
+    others (rho = 0 by construction: an absent language, a constant dimension) as 0 rather than -1 / (N - 2), so
+    that it reads 0 with no language signal whatever languages the batch holds."""
     if form == "abs":
         return rho_KL.abs().mean()
     if form == "squared":
@@ -196,7 +202,10 @@ def erasure_from_correlation(rho_KL: Tensor, count: float, form: str = "abs") ->
             raise ValueError(
                 f"the debiased erasure loss needs at least 3 rows in the (global) batch, got {count}"
             )
-        return ((count - 1) * rho_KL * rho_KL - 1).mean() / (count - 2)
+        adj_KL = ((count - 1) * rho_KL * rho_KL - 1) / (count - 2)
+        if live_KL is not None:
+            adj_KL = torch.where(live_KL, adj_KL, torch.zeros_like(adj_KL))
+        return adj_KL.mean()
     raise ValueError(f"erasure form must be one of {ERASURE_FORMS}, got {form!r}")
 
 
@@ -217,15 +226,17 @@ def erasure_terms_from_stats(stats: CorrelationStats, form: str = "abs", eps: fl
     at all: cells of an absent (or all-rows) language or a constant dimension have rho = 0 by construction."""
     rho_KL = correlation_from_stats(stats, eps)
     n = float(stats.count.detach())
-    loss = erasure_from_correlation(rho_KL, n, form)
     with torch.no_grad():
+        # a dimension is constant when its variance is at rounding level of its second moment
         var_x = stats.sum_x2 - stats.sum_x * stats.sum_x / stats.count
-        live_x = float((var_x > 0).double().mean())
-        live_z = float(((stats.sum_z > 0) & (stats.sum_z < stats.count)).double().mean())
+        live_x = var_x > 1e-12 * stats.sum_x2.abs() / stats.count
+        live_z = (stats.sum_z > 0) & (stats.sum_z < stats.count)
+        live_KL = torch.outer(live_x, live_z)
+    loss = erasure_from_correlation(rho_KL, n, form, live_KL)
     return ErasureTerms(
         loss=loss,
         mean_abs=rho_KL.detach().abs().mean(),
-        floor=null_abs_correlation(n) * live_x * live_z,
+        floor=null_abs_correlation(n) * float(live_KL.double().mean()),
         count=n,
     )
 

@@ -109,6 +109,10 @@ def test_floor_counts_only_cells_that_can_correlate():
     x[:, 3] = 1.0  # a constant dimension
     t = erasure_terms_from_stats(correlation_stats(x, langs, 5))
     assert t.floor == pytest.approx(null_abs_correlation(30) * (3 / 4) * (3 / 5))
+    # the debiased form counts those dead cells as 0, not -1 / (N - 2): it still reads ~0 on pure noise
+    rho = language_correlation(x, langs, 5)
+    d = erasure_terms_from_stats(correlation_stats(x, langs, 5), form="debiased")
+    assert float(d.loss) == pytest.approx(float(((29 * rho[:3, :3] ** 2 - 1) / 28).sum() / 20), abs=1e-14)
 
 
 def test_null_abs_correlation_edge_cases():
