@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PROBE_CS", "ProbeFit", "fit_language_probe", "wilson_interval"]
+__all__ = ["PROBE_CS", "ProbeFit", "fit_language_probe", "population_erasure", "wilson_interval"]
 
 # The inverse-regularisation grid searched by cross-validation (1e-4 ... 1e2).
 PROBE_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 2, 7))
@@ -148,3 +148,24 @@ def fit_language_probe(
         languages=languages,
         classifier=clf,
     )
+
+
+def population_erasure(x: np.ndarray, labels: Sequence[Any]) -> dict[str, float]:
+    """L_C (mean |rho|, the paper's form) of a whole probe set, with its noise floor for that N and their ratio.
+
+    The probe set holds hundreds of passages where a training step's erasure batch holds tens, so its floor is far
+    lower and the ratio says how much language signal the embedding space holds, not how noisy one batch was."""
+    import torch
+
+    from lancer_dist.losses import erasure_terms
+
+    names = sorted({str(v) for v in labels})
+    index = {lang: i for i, lang in enumerate(names)}
+    lang = torch.tensor([index[str(v)] for v in labels], dtype=torch.long)
+    terms = erasure_terms(torch.as_tensor(np.asarray(x, np.float64)), lang, len(names))
+    abs_ = float(terms.mean_abs)
+    return {
+        "erasure_abs": abs_,
+        "erasure_floor": terms.floor,
+        "erasure_over_floor": abs_ / terms.floor if terms.floor > 0 else float("nan"),
+    }

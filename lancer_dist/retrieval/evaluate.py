@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from lancer_dist.config import ConfigError, RunConfig, config_to_dict
-from lancer_dist.language_probe import fit_language_probe
+from lancer_dist.language_probe import fit_language_probe, population_erasure
 from lancer_dist.retrieval.analysis import (
     balanced_sample,
     plot_pool_growth,
@@ -182,6 +182,8 @@ class EvalReport:
     probe: dict[str, float] = field(default_factory=dict)  # variant -> language-ID accuracy
     # variant -> the accuracy's 95 % Wilson interval (lancer_dist.language_probe)
     probe_interval: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # variant -> {"erasure_abs", "erasure_floor", "erasure_over_floor"} on the probe's held-out half
+    probe_erasure: dict[str, dict[str, float]] = field(default_factory=dict)
     pool_growth: dict[str, list[tuple[int, str, float]]] = field(default_factory=dict)
     table: list[dict[str, Any]] = field(default_factory=list)
     artifacts: list[Path] = field(default_factory=list)
@@ -427,6 +429,8 @@ def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] =
             pf = fit_language_probe(x[train], list(lab[train]), x[~train], list(lab[~train]), seed=ev.seed)
             report.probe[vname] = pf.test_accuracy
             report.probe_interval[vname] = (pf.ci_low, pf.ci_high)
+            # L_C of the held-out half (the half no post-hoc eraser was fitted on), beside its floor
+            report.probe_erasure[vname] = population_erasure(x[~train], list(lab[~train]))
         tracker.log_metrics(
             {
                 **{metric_key(v, "probe_language_id_accuracy"): a for v, a in report.probe.items()},
@@ -437,6 +441,11 @@ def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] =
                 **{
                     metric_key(v, "probe_language_id_accuracy_high"): hi
                     for v, (_, hi) in report.probe_interval.items()
+                },
+                **{
+                    metric_key(v, f"probe_{k}"): val
+                    for v, d in report.probe_erasure.items()
+                    for k, val in d.items()
                 },
             },
             step=0,
@@ -491,6 +500,7 @@ def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] =
                     row[f"{c.name} {meas}"] = v
             row["probe acc"] = report.probe[vname]
             row["probe 95% low"], row["probe 95% high"] = report.probe_interval[vname]
+            row["L_C / floor"] = report.probe_erasure[vname]["erasure_over_floor"]
             report.table.append(row)
         (out / "table.md").write_text(format_table(report.table) + "\n")
         with open(out / "table.csv", "w", newline="") as f:
@@ -504,6 +514,7 @@ def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] =
                     "results": report.results,
                     "probe": report.probe,
                     "probe_interval": report.probe_interval,
+                    "probe_erasure": report.probe_erasure,
                     "pool_growth": report.pool_growth,
                     "table": report.table,
                     "seconds": report.seconds,

@@ -156,11 +156,16 @@ class LanguageProbe:
         Fig. 4), ``probe_test_accuracy`` (right panel) with its 95 % Wilson interval ``probe_test_accuracy_low`` /
         ``probe_test_accuracy_high`` over ``probe_test_size`` passages, ``probe_C`` (the cross-validated
         regularisation), ``probe_train_accuracy``, ``probe_test_loss``, ``probe_chance`` (1 / number of languages),
-        ``probe_num_languages`` and the skipped-data counts.
+        ``probe_num_languages``, L_C over all probe passages with its floor (``probe_erasure_abs``,
+        ``probe_erasure_floor``, ``probe_erasure_over_floor``) and the skipped-data counts.
         """
-        from lancer_dist.language_probe import fit_language_probe
+        from lancer_dist.language_probe import fit_language_probe, population_erasure
 
         x_train, x_test = self._encode(encode_fn)
+        # L_C over every probe passage: the population value, beside its (much lower) floor
+        lc = population_erasure(
+            np.concatenate([x_train, x_test]), self.y_train.tolist() + self.y_test.tolist()
+        )
         fit = fit_language_probe(
             x_train,
             self.y_train.tolist(),
@@ -173,6 +178,7 @@ class LanguageProbe:
         self.classifier = fit.classifier
         return {
             **fit.as_metrics("probe_"),
+            **{f"probe_{k}": v for k, v in lc.items()},
             "probe_skipped_records": float(self.skipped.get("bad_records", 0)),
             "probe_skipped_shards": float(self.skipped.get("bad_shards", 0)),
         }

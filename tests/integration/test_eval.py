@@ -100,6 +100,12 @@ def test_lancer_eval_end_to_end(eval_run, capsys):
     for variant, acc in res["probe"].items():
         low, high = res["probe_interval"][variant]
         assert low <= acc <= high and high - low > 0, variant
+    # L_C of the probe's held-out half beside its floor: LEACE (fitted on the other half) cuts it
+    lc = res["probe_erasure"]
+    assert lc["base+LEACE"]["erasure_abs"] < lc["base"]["erasure_abs"]
+    assert lc["base"]["erasure_over_floor"] == pytest.approx(
+        lc["base"]["erasure_abs"] / lc["base"]["erasure_floor"]
+    )
     # Fig. 1/3: one point per language in the pool, English first.
     assert [lang for _, lang, _ in res["pool_growth"]["base"]] == ["en", "de", "fr"]
     # Recall@kt on the collection whose queries carry answers; per-language breakdowns.

@@ -237,6 +237,11 @@ def test_single_process_run_is_tracked_in_mlflow_with_probe(tmp_path, bible_data
     high = client.get_metric_history(run.info.run_id, "probe/test_accuracy_high")
     for a, n, lo, hi in zip(probe, size, low, high, strict=True):
         assert (lo.value, hi.value) == pytest.approx(wilson_interval(round(a.value * n.value), int(n.value)))
+    # L_C over the probe passages (train + test splits) beside the floor of that N
+    pn = [m.value for m in client.get_metric_history(run.info.run_id, "probe/num_languages")]
+    pfloor = [m.value for m in client.get_metric_history(run.info.run_id, "probe/erasure_floor")]
+    assert len(pfloor) == 3 and all(0 < f < null_abs_correlation(8) for f in pfloor)  # more rows than a step
+    assert pn == [4.0, 4.0, 4.0]
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "probe_curve.png", "model"} <= arts
     model_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model")}
