@@ -135,12 +135,19 @@ class LossConfig:
     erasure_weight: float = 1.0
     # Added to sigma_X * sigma_Z in the correlation's denominator (keeps absent languages and constant dims finite).
     erasure_eps: float = 1e-8
+    # "abs": the paper's mean |rho|; "squared": mean rho^2; "debiased": mean adjusted rho^2, 0 with no signal
+    # (lancer_dist/losses/erasure.py, docs/science.md).
+    erasure_form: Literal["abs", "squared", "debiased"] = "abs"
+    # > 0: the erasure passages are encoded this many at a time and L_C's statistics accumulated over the
+    # micro-batches, exactly (lancer_dist/train/erasure_chunks.py); 0 = in the step's one forward.
+    erasure_chunk: int = 0
     # Gather passages from every rank as negatives for every query (cross-device negatives).
     gather_negatives: bool = True
 
     def validate(self, p: str) -> None:
         _check(self.erasure_weight >= 0, f"{p}.erasure_weight", self.erasure_weight, "a number >= 0")
         _check(self.erasure_eps > 0, f"{p}.erasure_eps", self.erasure_eps, "a number > 0")
+        _check(self.erasure_chunk >= 0, f"{p}.erasure_chunk", self.erasure_chunk, "an integer >= 0 (0 = off)")
 
 
 @dataclass
@@ -304,9 +311,13 @@ class ProbeConfig:
     path: str = ""
     train_per_language: int = 32
     test_per_language: int = 16
+    # Folds of the cross-validation that picks the probe's regularisation on its train split (capped by
+    # train_per_language; lancer_dist/language_probe.py).
+    cv_folds: int = 5
 
     def validate(self, p: str) -> None:
         _check(self.every >= 1, f"{p}.every", self.every, "an integer >= 1")
+        _check(self.cv_folds >= 2, f"{p}.cv_folds", self.cv_folds, "an integer >= 2")
         _check(self.train_per_language >= 2, f"{p}.train_per_language", self.train_per_language, ">= 2")
         _check(self.test_per_language >= 1, f"{p}.test_per_language", self.test_per_language, ">= 1")
 
@@ -513,6 +524,20 @@ class RunConfig:
     def validate(self, p: str) -> None:
         _check(bool(self.name), f"{p}name", self.name, "a non-empty run name")
         _check(bool(self.output_dir), f"{p}output_dir", self.output_dir, "a non-empty output directory")
+        if self.loss.erasure_chunk:
+            _check(
+                self.train.grad_cache_chunk_size == 0,
+                f"{p}loss.erasure_chunk",
+                self.loss.erasure_chunk,
+                "0 when train.grad_cache_chunk_size is set (gradient caching already encodes the erasure "
+                "passages chunk by chunk)",
+            )
+            _check(
+                self.train.strategy == "ddp",
+                f"{p}loss.erasure_chunk",
+                self.loss.erasure_chunk,
+                "0 with train.strategy deepspeed (micro-batched erasure is implemented and tested for ddp only)",
+            )
 
 
 # --------------------------------------------------------------------------------------------------------------

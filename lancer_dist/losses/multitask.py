@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from lancer_dist.losses.erasure import erasure_loss
+from lancer_dist.losses.erasure import erasure_terms
 from lancer_dist.losses.retrieval import contrastive_loss
 
 
@@ -64,9 +64,13 @@ class LossOutput:
     loss: Tensor  # what this rank back-propagates
     total: Tensor  # global L_R + lambda * L_C (detached)
     retrieval: Tensor  # global L_R (detached)
-    erasure: Tensor  # global L_C (detached); 0 when no erasure batch
+    erasure: Tensor  # global L_C of the configured form (detached); 0 when no erasure batch
     num_queries: int  # global
     num_passages: int  # global passages scored per query (the negative pool + 1)
+    # mean |rho| of the global erasure batch (= ``erasure`` for the paper's form) and its expectation with no
+    # language signal for the global N (lancer_dist.losses.erasure.null_abs_correlation); 0 / nan without erasure
+    erasure_abs: float = 0.0
+    erasure_floor: float = float("nan")
 
 
 def group_positive_index(num_queries: int, group_size: int, offset: int, device: torch.device) -> Tensor:
@@ -122,6 +126,7 @@ def lancer_loss(
     temperature: float = 1.0,
     erasure_weight: float = 1.0,
     erasure_eps: float = 1e-8,
+    erasure_form: str = "abs",
     gather_negatives: bool = True,
     collectives: Collectives | None = None,
 ) -> LossOutput:
@@ -134,7 +139,7 @@ def lancer_loss(
         x: [m_r, D] this rank's multilingual passage embeddings for the erasure task (None: no erasure term).
         languages: [m_r] their language ids (< num_languages).
         num_languages: n.
-        temperature, erasure_weight, erasure_eps, gather_negatives: see ``lancer_dist.config``.
+        temperature, erasure_weight, erasure_eps, erasure_form, gather_negatives: see ``lancer_dist.config``.
         collectives: the reduction hook; None = one process.
     """
     c = collectives or LocalCollectives()
@@ -143,16 +148,29 @@ def lancer_loss(
     )
     loss = rank_lr
     lc = torch.zeros((), dtype=lr.dtype, device=q.device)
+    lc_abs, floor = 0.0, float("nan")
     if x is not None:
         if languages is None:
             raise ValueError("lancer_loss: erasure embeddings given without their language ids")
         if erasure_weight > 0:
-            lc_t = erasure_loss(x, languages, num_languages, eps=erasure_eps, sum_fn=c.sum_with_grad)
-            loss = loss + erasure_weight * lc_t
+            terms = erasure_terms(
+                x, languages, num_languages, form=erasure_form, eps=erasure_eps, sum_fn=c.sum_with_grad
+            )
+            loss = loss + erasure_weight * terms.loss.to(x.dtype)
         else:  # lambda = 0 (the baseline): L_C is still measured and logged, without a gradient
-            lc_t = erasure_loss(x.detach(), languages, num_languages, eps=erasure_eps, sum_fn=c.sum_no_grad)
-        lc = lc_t.detach().to(lr.dtype)
+            terms = erasure_terms(
+                x.detach(), languages, num_languages, form=erasure_form, eps=erasure_eps, sum_fn=c.sum_no_grad
+            )
+        lc = terms.loss.detach().to(x.dtype).to(lr.dtype)
+        lc_abs, floor = float(terms.mean_abs), terms.floor
     total = lr + erasure_weight * lc
     return LossOutput(
-        loss=loss, total=total, retrieval=lr, erasure=lc, num_queries=b_global, num_passages=pool
+        loss=loss,
+        total=total,
+        retrieval=lr,
+        erasure=lc,
+        num_queries=b_global,
+        num_passages=pool,
+        erasure_abs=lc_abs,
+        erasure_floor=floor,
     )

@@ -1,6 +1,6 @@
 """Language-bias analyses of an embedding space (paper Table 1, Fig. 1/3 and Fig. 5).
 
-* :func:`probe_accuracy` - held-out accuracy of a logistic-regression language-ID probe (Table 1).
+* the language-ID probe (Table 1) is :func:`lancer_dist.language_probe.fit_language_probe`, the one the trainer uses.
 * :func:`pool_growth` - nDCG@10 of a multilingual pool as languages are added one by one (Fig. 1/3).
 * :func:`tsne_plot` - t-SNE of passages coloured by language (Fig. 5).
 """
@@ -15,7 +15,7 @@ import numpy as np
 from lancer_dist.retrieval.metrics import evaluate
 from lancer_dist.retrieval.search import search_arrays
 
-__all__ = ["balanced_sample", "plot_pool_growth", "pool_growth", "probe_accuracy", "tsne_plot"]
+__all__ = ["balanced_sample", "plot_pool_growth", "pool_growth", "tsne_plot"]
 
 
 def balanced_sample(langs: Sequence[str], per_language: int, seed: int = 0) -> np.ndarray:
@@ -27,30 +27,6 @@ def balanced_sample(langs: Sequence[str], per_language: int, seed: int = 0) -> n
         idx = np.flatnonzero(arr == lang)
         picks.append(rng.choice(idx, size=min(per_language, len(idx)), replace=False))
     return np.sort(np.concatenate(picks)) if picks else np.zeros(0, np.int64)
-
-
-def probe_accuracy(
-    x_train: np.ndarray,
-    y_train: Sequence[str],
-    x_test: np.ndarray,
-    y_test: Sequence[str],
-    max_iter: int = 2000,
-) -> float:
-    """Accuracy on (x_test, y_test) of a multinomial logistic regression fitted on (x_train, y_train).
-
-    Features are standardised with the training statistics (the probe asks whether language is linearly
-    decodable, not whether the raw scale suits the optimiser)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    if len(set(y_train)) < 2:
-        raise ValueError(
-            f"the probe needs at least 2 languages in its training split, got {sorted(set(y_train))}"
-        )
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
-    clf.fit(np.asarray(x_train, np.float64), list(y_train))
-    return float(clf.score(np.asarray(x_test, np.float64), list(y_test)))
 
 
 def pool_growth(

@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 
 from lancer_dist.config import ConfigError, RunConfig, config_to_dict
+from lancer_dist.language_probe import fit_language_probe, population_erasure
 from lancer_dist.retrieval.analysis import (
     balanced_sample,
     plot_pool_growth,
     pool_growth,
-    probe_accuracy,
     tsne_plot,
 )
 from lancer_dist.retrieval.encode import EncoderPool
@@ -174,6 +174,10 @@ class EvalReport:
     # variant -> collection -> {"all": {measure: value}, "<lang>": {...}} (+ "Recall@5kt" style entries)
     results: dict[str, dict[str, dict[str, dict[str, float]]]] = field(default_factory=dict)
     probe: dict[str, float] = field(default_factory=dict)  # variant -> language-ID accuracy
+    # variant -> the accuracy's 95 % Wilson interval (lancer_dist.language_probe)
+    probe_interval: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # variant -> {"erasure_abs", "erasure_floor", "erasure_over_floor"} on the probe's held-out half
+    probe_erasure: dict[str, dict[str, float]] = field(default_factory=dict)
     pool_growth: dict[str, list[tuple[int, str, float]]] = field(default_factory=dict)
     table: list[dict[str, Any]] = field(default_factory=list)
     artifacts: list[Path] = field(default_factory=list)
@@ -400,16 +404,39 @@ def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] =
         t0 = time.perf_counter()
         for vname, (tag, tf) in variants.items():
             x, langs = _sample_store(stores[tag, probe_coll.name], ev.probe_per_language, ev.seed)
-            train = np.arange(len(langs)) % 2 == 0
             lab = np.asarray(langs)
+            # every other passage OF EACH LANGUAGE (the probe cross-validates per language on its train half)
+            train = np.zeros(len(lab), dtype=bool)
+            for lang in set(langs):
+                train[np.flatnonzero(lab == lang)[::2]] = True
             if tf is not None:
                 fit = fit_lsar if tf.name == "lsar" else fit_leace
                 kw = {"rank": ev.lsar_rank} if tf.name == "lsar" else {}
                 tf_probe = fit(x[train], list(lab[train]), **kw)
                 x = tf_probe(x)
-            report.probe[vname] = probe_accuracy(x[train], lab[train], x[~train], lab[~train])
+            pf = fit_language_probe(x[train], list(lab[train]), x[~train], list(lab[~train]), seed=ev.seed)
+            report.probe[vname] = pf.test_accuracy
+            report.probe_interval[vname] = (pf.ci_low, pf.ci_high)
+            # L_C of the held-out half (the half no post-hoc eraser was fitted on), beside its floor
+            report.probe_erasure[vname] = population_erasure(x[~train], list(lab[~train]))
         tracker.log_metrics(
-            {metric_key(v, "probe_language_id_accuracy"): a for v, a in report.probe.items()}, step=0
+            {
+                **{metric_key(v, "probe_language_id_accuracy"): a for v, a in report.probe.items()},
+                **{
+                    metric_key(v, "probe_language_id_accuracy_low"): lo
+                    for v, (lo, _) in report.probe_interval.items()
+                },
+                **{
+                    metric_key(v, "probe_language_id_accuracy_high"): hi
+                    for v, (_, hi) in report.probe_interval.items()
+                },
+                **{
+                    metric_key(v, f"probe_{k}"): val
+                    for v, d in report.probe_erasure.items()
+                    for k, val in d.items()
+                },
+            },
+            step=0,
         )
         report.seconds["probe"] = time.perf_counter() - t0
 
@@ -460,6 +487,8 @@ def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] =
                 for meas, v in report.results[vname][c.name]["all"].items():
                     row[f"{c.name} {meas}"] = v
             row["probe acc"] = report.probe[vname]
+            row["probe 95% low"], row["probe 95% high"] = report.probe_interval[vname]
+            row["L_C / floor"] = report.probe_erasure[vname]["erasure_over_floor"]
             report.table.append(row)
         (out / "table.md").write_text(format_table(report.table) + "\n")
         with open(out / "table.csv", "w", newline="") as f:
@@ -472,6 +501,8 @@ def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] =
                 {
                     "results": report.results,
                     "probe": report.probe,
+                    "probe_interval": report.probe_interval,
+                    "probe_erasure": report.probe_erasure,
                     "pool_growth": report.pool_growth,
                     "table": report.table,
                     "seconds": report.seconds,

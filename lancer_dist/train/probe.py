@@ -1,8 +1,9 @@
 """The language probe (paper §5.3, Fig. 4): how much language identity a linear classifier recovers from embeddings.
 
 At step 0 and every ``probe.every`` steps the trainer encodes a held-out multilingual train/test split with the
-current encoder, fits a multinomial logistic regression (standardised features, fixed seed) on the train split and
-logs its training log loss and its test accuracy. Language-invariant embeddings make the classifier's job harder:
+current encoder, fits the project's one language probe (:func:`lancer_dist.language_probe.fit_language_probe`, the
+same function ``lancer eval`` uses: logistic regression with C cross-validated on the train split) and logs its
+training log loss, its test accuracy and that accuracy's 95 % interval. Language-invariant embeddings make the classifier's job harder:
 the loss rises and the accuracy falls towards chance (``1 / num_languages``).
 
 The split is plain ``(text, language)`` pairs, so any source works (the erasure shards, a held-out file, a test's
@@ -48,9 +49,9 @@ class LanguageProbe:
     Args:
         train: pairs the classifier is fitted on.
         test: pairs it is scored on (every test language must occur in ``train``).
-        seed: the classifier's random state (lbfgs is deterministic; the seed makes that explicit).
+        seed: the cross-validation folds' and the classifier's random state.
         max_iter: lbfgs iterations; generous so the fit converges on hundreds of dimensions.
-        C: inverse L2 regularisation strength (sklearn's default 1.0).
+        cv_folds: folds of the cross-validation that chooses the regularisation on the train split.
     """
 
     def __init__(
@@ -60,7 +61,7 @@ class LanguageProbe:
         *,
         seed: int = 0,
         max_iter: int = 2000,
-        C: float = 1.0,
+        cv_folds: int = 5,
     ):
         for name, split in (("train", train), ("test", test)):
             for i, pair in enumerate(split):
@@ -87,7 +88,7 @@ class LanguageProbe:
         self.y_test = np.array([index[lang] for _, lang in test], dtype=np.int64)
         self.seed = seed
         self.max_iter = max_iter
-        self.C = C
+        self.cv_folds = cv_folds
         self.classifier: Any = None  # the last fitted sklearn Pipeline (scaler + logistic regression)
         # Bad shards / records skipped while reading the probe's data (reported with every evaluation).
         self.skipped: dict[str, int] = {}
@@ -152,33 +153,32 @@ class LanguageProbe:
         """Encode both splits with ``encode_fn`` (list[str] -> [N, D] array), fit, and score.
 
         Returns ``probe_train_loss`` (mean log loss of the fitted classifier on its train split, the left panel of
-        Fig. 4), ``probe_test_accuracy`` (right panel), ``probe_train_accuracy``, ``probe_test_loss``,
-        ``probe_chance`` (1 / number of languages) and ``probe_num_languages``.
+        Fig. 4), ``probe_test_accuracy`` (right panel) with its 95 % Wilson interval ``probe_test_accuracy_low`` /
+        ``probe_test_accuracy_high`` over ``probe_test_size`` passages, ``probe_C`` (the cross-validated
+        regularisation), ``probe_train_accuracy``, ``probe_test_loss``, ``probe_chance`` (1 / number of languages),
+        ``probe_num_languages``, L_C over all probe passages with its floor (``probe_erasure_abs``,
+        ``probe_erasure_floor``, ``probe_erasure_over_floor``) and the skipped-data counts.
         """
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.metrics import accuracy_score, log_loss
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
+        from lancer_dist.language_probe import fit_language_probe, population_erasure
 
         x_train, x_test = self._encode(encode_fn)
-        # lbfgs on more than two classes fits the multinomial (softmax) model; features are standardised so the
-        # regularisation strength means the same thing whatever the embedding scale.
-        clf = make_pipeline(
-            StandardScaler(),
-            LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.seed, solver="lbfgs"),
+        # L_C over every probe passage: the population value, beside its (much lower) floor
+        lc = population_erasure(
+            np.concatenate([x_train, x_test]), self.y_train.tolist() + self.y_test.tolist()
         )
-        clf.fit(x_train, self.y_train)
-        self.classifier = clf
-        labels = np.arange(len(self.languages))
-        p_train = clf.predict_proba(x_train)
-        p_test = clf.predict_proba(x_test)
+        fit = fit_language_probe(
+            x_train,
+            self.y_train.tolist(),
+            x_test,
+            self.y_test.tolist(),
+            cv_folds=self.cv_folds,
+            seed=self.seed,
+            max_iter=self.max_iter,
+        )
+        self.classifier = fit.classifier
         return {
-            "probe_train_loss": float(log_loss(self.y_train, p_train, labels=labels)),
-            "probe_train_accuracy": float(accuracy_score(self.y_train, p_train.argmax(1))),
-            "probe_test_loss": float(log_loss(self.y_test, p_test, labels=labels)),
-            "probe_test_accuracy": float(accuracy_score(self.y_test, p_test.argmax(1))),
-            "probe_chance": self.chance,
-            "probe_num_languages": float(len(self.languages)),
+            **fit.as_metrics("probe_"),
+            **{f"probe_{k}": v for k, v in lc.items()},
             "probe_skipped_records": float(self.skipped.get("bad_records", 0)),
             "probe_skipped_shards": float(self.skipped.get("bad_shards", 0)),
         }
@@ -273,7 +273,12 @@ def build_probe(cfg: RunConfig, languages: Sequence[str] | None = None) -> Langu
     if skipped:
         log.warning("language probe data %s: skipped %s", path, skipped)
     probe = LanguageProbe.from_pool(
-        pairs, pc.train_per_language, pc.test_per_language, languages=langs, seed=cfg.train.seed
+        pairs,
+        pc.train_per_language,
+        pc.test_per_language,
+        languages=langs,
+        seed=cfg.train.seed,
+        cv_folds=pc.cv_folds,
     )
     probe.skipped = skipped
     return probe

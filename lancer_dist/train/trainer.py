@@ -261,6 +261,7 @@ class Trainer:
             temperature=c.model.temperature,
             erasure_weight=c.loss.erasure_weight,
             erasure_eps=c.loss.erasure_eps,
+            erasure_form=c.loss.erasure_form,
             gather_negatives=c.loss.gather_negatives,
             collectives=self.collectives,
         )
@@ -337,6 +338,49 @@ class Trainer:
         after.restore()
         return out
 
+    def _forward_backward_erasure_chunks(self, b: Any) -> LossOutput:
+        """``loss.erasure_chunk``: L_C's statistics accumulated over micro-batches of erasure passages (two passes,
+        RNG replayed; :mod:`lancer_dist.train.erasure_chunks`), every backward under ``no_sync``; then the retrieval
+        forward and backward, the last one, which reduces the accumulated gradients (and touches both towers)."""
+        from lancer_dist.train.erasure_chunks import chunked_erasure_backward
+
+        c = self.cfg
+        enc = self.accelerator.unwrap_model(self.model)
+        terms = chunked_erasure_backward(
+            lambda ids, mask: _encode_chunk(enc, ids, mask, False),
+            lambda ids, mask: _encode_chunk(self.model, ids, mask, False),
+            b.erasure_input_ids,
+            b.erasure_attention_mask,
+            b.erasure_languages,
+            self.num_languages,
+            c.loss.erasure_chunk,
+            erasure_weight=c.loss.erasure_weight,
+            form=c.loss.erasure_form,
+            eps=c.loss.erasure_eps,
+            dtype=self.loss_dtype,
+            collectives=self.collectives,
+            backward=self.accelerator.backward,
+            context=lambda: self.accelerator.no_sync(self.model),
+            device=self.device,
+        )
+        qe, pe, _ = self.model(
+            b.query_input_ids, b.query_attention_mask, b.passage_input_ids, b.passage_attention_mask
+        )
+        empty = torch.zeros(0, 1, dtype=self.loss_dtype, device=self.device)
+        out = self._loss(qe, pe, empty, b.erasure_languages[:0])
+        self.accelerator.backward(out.loss)
+        lc = terms.loss.to(out.retrieval.dtype)
+        return LossOutput(
+            loss=out.loss,
+            total=out.retrieval + c.loss.erasure_weight * lc,
+            retrieval=out.retrieval,
+            erasure=lc,
+            num_queries=out.num_queries,
+            num_passages=out.num_passages,
+            erasure_abs=float(terms.mean_abs),
+            erasure_floor=terms.floor,
+        )
+
     def train_step(self, b: Any) -> dict[str, float]:
         """One optimizer step on one multi-task batch; returns the globally reduced metrics."""
         t0 = time.perf_counter()
@@ -344,6 +388,8 @@ class Trainer:
         self.model.train()
         if self.cfg.train.grad_cache_chunk_size:
             out = self._forward_backward_cached(b)
+        elif self.cfg.loss.erasure_chunk:
+            out = self._forward_backward_erasure_chunks(b)
         else:
             out = self._forward_backward(b)
         grad_norm = float("nan")
@@ -372,6 +418,12 @@ class Trainer:
             "loss/total": losses[0],
             "loss/retrieval": losses[1],
             "loss/erasure": losses[2],
+            # the readable L_C: mean |rho| of the global erasure batch against its no-signal expectation
+            "loss/erasure_abs": out.erasure_abs,
+            "loss/erasure_floor": out.erasure_floor,
+            "loss/erasure_over_floor": out.erasure_abs / out.erasure_floor
+            if out.erasure_floor > 0
+            else float("nan"),
             "lr": lr,
             "grad_norm": grad_norm,
             "passages_per_s": pas_g / dt,

@@ -1,5 +1,6 @@
 """Run under torchrun (N ranks) or plainly: one real ``Trainer.train_step`` with gradient caching and dropout ON,
-against an independent reference on the same rank's share of the same global batch.
+(or with micro-batched erasure, ``loss.erasure_chunk``) against an independent reference on the same rank's share of
+the same global batch.
 
 The reference keeps the whole graph: every chunk is encoded WITH autograd in the order the cached pass uses (so
 each chunk draws the same dropout masks from the same RNG stream), the global-batch loss is back-propagated once,
@@ -50,19 +51,22 @@ def main(config: str, out: str, sabotage: str = "") -> None:
 
     # the reference: the whole graph, chunk by chunk in the cached pass's order, one backward, rank average
     # without caching, the plain step encodes queries, passages, erasure passages in that order: one chunk each
+    # with loss.erasure_chunk (no gradient caching) the step encodes the erasure passages first, in micro-batches
     size = cfg.train.grad_cache_chunk_size or 10**9
     seed = 1000 + r
     torch.manual_seed(seed)
-    embs = []
-    for ids, mask, is_q in (
-        (b.query_input_ids, b.query_attention_mask, True),
-        (b.passage_input_ids, b.passage_attention_mask, False),
-        (b.erasure_input_ids, b.erasure_attention_mask, False),
-    ):
-        embs.append(
-            torch.cat([_encode_chunk(ref, ids[sl], mask[sl], is_q) for sl in _chunks(ids.shape[0], size)])
-        )
-    ref_out = tr._loss(embs[0], embs[1], embs[2], b.erasure_languages)
+    inputs = [
+        ("q", b.query_input_ids, b.query_attention_mask, True, size),
+        ("p", b.passage_input_ids, b.passage_attention_mask, False, size),
+        ("x", b.erasure_input_ids, b.erasure_attention_mask, False, cfg.loss.erasure_chunk or size),
+    ]
+    if cfg.loss.erasure_chunk:
+        inputs = inputs[2:] + inputs[:2]
+    embs = {
+        key: torch.cat([_encode_chunk(ref, ids[sl], mask[sl], is_q) for sl in _chunks(ids.shape[0], chunk)])
+        for key, ids, mask, is_q, chunk in inputs
+    }
+    ref_out = tr._loss(embs["q"], embs["p"], embs["x"], b.erasure_languages)
     ref_out.loss.backward()
     for p in ref.parameters():
         if p.grad is not None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lancer_dist.dist import ProcessGroupCollectives
-from lancer_dist.losses import contrastive_loss, erasure_loss, lancer_loss
+from lancer_dist.losses import contrastive_loss, erasure_loss, lancer_loss, null_abs_correlation
 from tests.distributed.harness import run_distributed
 
 TOL = 1e-10
@@ -46,7 +46,13 @@ def _slices(sizes: list[int]) -> list[slice]:
 
 
 def _rank_lancer(
-    rank: int, world: int, q_sizes: list[int], x_sizes: list[int], weight: float, dtype_name: str
+    rank: int,
+    world: int,
+    q_sizes: list[int],
+    x_sizes: list[int],
+    weight: float,
+    dtype_name: str,
+    form: str = "abs",
 ):
     dtype = getattr(torch, dtype_name)
     q, p = _retrieval_data(sum(q_sizes), dtype=dtype)
@@ -65,6 +71,7 @@ def _rank_lancer(
         NUM_LANG,
         temperature=0.5,
         erasure_weight=weight,
+        erasure_form=form,
         collectives=ProcessGroupCollectives(),
     )
     out.loss.backward()
@@ -77,10 +84,12 @@ def _rank_lancer(
         "gp": p_r.grad / world,
         "gx": (x_r.grad if x_r.grad is not None else torch.zeros_like(x_r)) / world,
         "pool": out.num_passages,
+        "erasure_abs": out.erasure_abs,
+        "floor": out.erasure_floor,
     }
 
 
-def _reference_lancer(q_sizes, x_sizes, weight, dtype=torch.float64):
+def _reference_lancer(q_sizes, x_sizes, weight, dtype=torch.float64, form="abs"):
     q, p = _retrieval_data(sum(q_sizes), dtype=dtype)
     x, lang = _erasure_data(sum(x_sizes), dtype=dtype)
     q.requires_grad_(True)
@@ -88,7 +97,7 @@ def _reference_lancer(q_sizes, x_sizes, weight, dtype=torch.float64):
     x.requires_grad_(True)
     b = q.shape[0]
     lr = contrastive_loss(q, p, torch.arange(b) * G, temperature=0.5)
-    lc = erasure_loss(x if weight > 0 else x.detach(), lang, NUM_LANG)
+    lc = erasure_loss(x if weight > 0 else x.detach(), lang, NUM_LANG, form=form)
     total = lr + weight * lc
     total.backward()
     return {
@@ -154,3 +163,21 @@ def test_float32_difference_is_small(tmp_path):
     ref = _reference_lancer(q_sizes, x_sizes, 1.0, dtype=torch.float32)
     worst = _compare(res, ref, 1e-5)
     print(f"float32 max abs difference: {worst:.2e}")
+
+
+@pytest.mark.parametrize("form", ["abs", "squared", "debiased"])
+def test_every_erasure_form_is_global(tmp_path, form):
+    """Each form of L_C (and the logged mean |rho| and floor) is that of the global batch: 2 ranks with unequal
+    erasure batches == one process on the concatenation, loss and gradients to 1e-10 in float64."""
+    q_sizes, x_sizes = [2, 1], [7, 5]
+    res = run_distributed(_rank_lancer, 2, tmp_path, q_sizes, x_sizes, 1.0, "float64", form)
+    ref = _reference_lancer(q_sizes, x_sizes, 1.0, form=form)
+    _compare(res, ref, TOL)
+    x, lang = _erasure_data(sum(x_sizes))
+    ref_abs = float(erasure_loss(x, lang, NUM_LANG, form="abs"))
+    for r in res:
+        assert abs(r["erasure_abs"] - ref_abs) <= TOL
+        assert r["floor"] == pytest.approx(null_abs_correlation(12), abs=1e-15)  # N = 12 global, not 7 or 5
+    # the forms are different functions (a test that passed one form's reference to another would fail)
+    others = {f: float(erasure_loss(x, lang, NUM_LANG, form=f)) for f in ("abs", "squared", "debiased")}
+    assert len({round(v, 6) for v in others.values()}) == 3

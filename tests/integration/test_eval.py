@@ -96,6 +96,16 @@ def test_lancer_eval_end_to_end(eval_run, capsys):
         assert (out / f).stat().st_size > 0, f
     # Table 1: LEACE (fitted on these passages) leaves the probe near chance, the raw encoder does not.
     assert res["probe"]["base+LEACE"] < res["probe"]["base"]
+    # ... each with its 95 % Wilson interval (lancer_dist.language_probe, the trainer's probe too)
+    for variant, acc in res["probe"].items():
+        low, high = res["probe_interval"][variant]
+        assert low <= acc <= high and high - low > 0, variant
+    # L_C of the probe's held-out half beside its floor: LEACE (fitted on the other half) cuts it
+    lc = res["probe_erasure"]
+    assert lc["base+LEACE"]["erasure_abs"] < lc["base"]["erasure_abs"]
+    assert lc["base"]["erasure_over_floor"] == pytest.approx(
+        lc["base"]["erasure_abs"] / lc["base"]["erasure_floor"]
+    )
     # Fig. 1/3: one point per language in the pool, English first.
     assert [lang for _, lang, _ in res["pool_growth"]["base"]] == ["en", "de", "fr"]
     # Recall@kt on the collection whose queries carry answers; per-language breakdowns.
@@ -157,6 +167,12 @@ def test_lancer_eval_end_to_end(eval_run, capsys):
         res["results"]["base"]["multilingual"]["all"]["nDCG@10"]
     )
     assert "lancer/probe_language_id_accuracy" in metrics
+    assert metrics["lancer/probe_language_id_accuracy_low"] == pytest.approx(
+        res["probe_interval"]["lancer"][0]
+    )
+    assert metrics["lancer/probe_language_id_accuracy_high"] == pytest.approx(
+        res["probe_interval"]["lancer"][1]
+    )
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "eval")}
     assert {"eval/tsne.png", "eval/pool_growth.png", "eval/table.md", "eval/table2.json"} <= arts
 

@@ -22,7 +22,14 @@ PROG = "tests.distributed.grad_cache_program"
 
 
 def _run(
-    tmp_path: Path, bible_data: Path, model_dir: Path, nproc: int, name: str, *extra: str, **train
+    tmp_path: Path,
+    bible_data: Path,
+    model_dir: Path,
+    nproc: int,
+    name: str,
+    *extra: str,
+    loss: dict | None = None,
+    **train,
 ) -> list:
     (tmp_path / name).mkdir(parents=True, exist_ok=True)
     cfg = write_config(
@@ -30,6 +37,7 @@ def _run(
         bible_data,
         model_dir,
         model={"dropout": 0.1},
+        loss=loss or {},
         train={"precision": "fp64", "lr": 1e-3, "max_grad_norm": 0.0, "grad_cache_chunk_size": 2, **train},
         tracking={"enabled": False},
     )
@@ -74,3 +82,22 @@ def test_sabotaged_rng_replay_is_detected(tmp_path, bible_data, e5_small_model_d
     assert res["dropout_diff"] > 1e-3
     assert res["max_param_diff"] > 1e3 * TOL, res  # fresh masks in the re-forward: not the reference step
     assert res["rel_update_err"] > 0.1, res
+
+
+def test_micro_batched_erasure_in_the_trainer_is_exact_under_ddp(tmp_path, bible_data, e5_small_model_dir):
+    """``loss.erasure_chunk`` through the real ``Trainer.train_step`` (2 ranks, DDP, dropout ON, float64): the
+    parameters after the step equal the full-graph reference's (the same program as gradient caching's, with the
+    erasure passages encoded first, in micro-batches of 1)."""
+    res = _run(
+        tmp_path,
+        bible_data,
+        e5_small_model_dir,
+        2,
+        "erasure_chunk",
+        grad_cache_chunk_size=0,
+        loss={"erasure_chunk": 1},
+    )
+    for r in res:
+        assert r["dropout_diff"] > 1e-3, r
+        assert r["max_param_diff"] <= TOL, r
+        assert abs(r["loss"] - r["ref_loss"]) <= TOL, r

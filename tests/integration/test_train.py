@@ -213,9 +213,34 @@ def test_single_process_run_is_tracked_in_mlflow_with_probe(tmp_path, bible_data
     ):
         hist = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in hist] == [1, 2, 3, 4], key
+    # L_C beside its noise floor for the GLOBAL erasure batch (4 languages x 2 passages = 8 rows)
+    from lancer_dist.losses import null_abs_correlation
+
+    hist = {
+        k: [m.value for m in client.get_metric_history(run.info.run_id, f"loss/{k}")]
+        for k in ("erasure", "erasure_abs", "erasure_floor", "erasure_over_floor")
+    }
+    assert hist["erasure_floor"] == pytest.approx([null_abs_correlation(8)] * 4)
+    assert hist["erasure_abs"] == pytest.approx(hist["erasure"])  # the paper's form: L_C is mean |rho|
+    assert hist["erasure_over_floor"] == pytest.approx(
+        [a / f for a, f in zip(hist["erasure_abs"], hist["erasure_floor"], strict=True)]
+    )
     probe = client.get_metric_history(run.info.run_id, "probe/test_accuracy")
     assert [m.step for m in probe] == [0, 2, 4]
     assert all(0.0 <= m.value <= 1.0 for m in probe)
+    # the accuracy's 95 % interval is logged with it (lancer_dist.language_probe.wilson_interval)
+    from lancer_dist.language_probe import wilson_interval
+
+    size = client.get_metric_history(run.info.run_id, "probe/test_size")
+    low = client.get_metric_history(run.info.run_id, "probe/test_accuracy_low")
+    high = client.get_metric_history(run.info.run_id, "probe/test_accuracy_high")
+    for a, n, lo, hi in zip(probe, size, low, high, strict=True):
+        assert (lo.value, hi.value) == pytest.approx(wilson_interval(round(a.value * n.value), int(n.value)))
+    # L_C over the probe passages (train + test splits) beside the floor of that N
+    pn = [m.value for m in client.get_metric_history(run.info.run_id, "probe/num_languages")]
+    pfloor = [m.value for m in client.get_metric_history(run.info.run_id, "probe/erasure_floor")]
+    assert len(pfloor) == 3 and all(0 < f < null_abs_correlation(8) for f in pfloor)  # more rows than a step
+    assert pn == [4.0, 4.0, 4.0]
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "probe_curve.png", "model"} <= arts
     model_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "model")}

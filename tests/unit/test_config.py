@@ -37,6 +37,8 @@ def test_overrides_are_typed_and_nested():
         ("model.normalize=maybe", "model.normalize", "true/false"),
         ("train.lrr=1", "train.lrr", "a known field of TrainConfig"),
         ("model.temperature=0", "model.temperature", "> 0"),
+        ("loss.erasure_form=cubic", "loss.erasure_form", "one of 'abs', 'squared', 'debiased'"),
+        ("probe.cv_folds=1", "probe.cv_folds", "an integer >= 2"),
     ],
 )
 def test_bad_values_name_field_value_and_expectation(override, field, expected):
@@ -122,3 +124,18 @@ def test_index_config_and_factory_are_exclusive():
     cfg = load_config(None, ["eval.index.kind=ivf_pq", "eval.index.nlist=256", "eval.index.pq_m=16"])
     assert cfg.eval.index_spec().factory(384) == "IVF256,PQ16x8"
     assert load_config(None, ["eval.index_factory=HNSW32"]).eval.index_spec() == "HNSW32"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["loss.erasure_chunk=-1"], "an integer >= 0"),
+        (["loss.erasure_chunk=4", "train.grad_cache_chunk_size=2"], "gradient caching already encodes"),
+        (["loss.erasure_chunk=4", "train.strategy=deepspeed"], "ddp only"),
+    ],
+)
+def test_erasure_chunk_conflicts_name_the_field(overrides, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "configs/tiny.yaml", overrides)
+    assert e.value.field == "loss.erasure_chunk" and expected in str(e.value)
+    assert load_config(REPO / "configs/tiny.yaml", ["loss.erasure_chunk=4"]).loss.erasure_chunk == 4

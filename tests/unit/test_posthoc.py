@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from lancer_dist.language_probe import fit_language_probe
 from lancer_dist.losses import erasure_loss
-from lancer_dist.retrieval.analysis import probe_accuracy
 from lancer_dist.retrieval.posthoc import fit_leace, fit_lsar, language_ids, language_means
 
 
@@ -18,6 +18,10 @@ def _data(seed: int = 0, L: int = 4, D: int = 24, n: int = 120):
     offsets = rng.normal(size=(L, D)) * 2.0
     x = rng.normal(size=(L * n, D)) + np.repeat(offsets, n, axis=0)
     return x.astype(np.float32), langs
+
+
+def probe_accuracy(*split):
+    return fit_language_probe(*split).test_accuracy
 
 
 def _split(x, langs):

@@ -61,6 +61,16 @@ def test_probe_recovers_linear_language_and_matches_numpy():
     assert out["probe_test_accuracy"] == pytest.approx(np.mean(p_test.argmax(1) == y_test))
     assert out["probe_train_accuracy"] == pytest.approx(np.mean(p_train.argmax(1) == y_train))
 
+    # L_C over every probe passage against a numpy Pearson correlation, and its floor for that N
+    from lancer_dist.losses import null_abs_correlation
+
+    x_all = np.concatenate([x_train, x_test])
+    y_all = np.concatenate([y_train, y_test])
+    rho = np.corrcoef(np.concatenate([x_all, np.eye(len(LANGS))[y_all]], axis=1).T)[:DIM, DIM:]
+    assert out["probe_erasure_abs"] == pytest.approx(np.abs(rho).mean(), rel=1e-6)
+    assert out["probe_erasure_floor"] == pytest.approx(null_abs_correlation(len(y_all)))
+    assert out["probe_erasure_over_floor"] > 5  # a strong language signal: far above the floor
+
 
 def test_probe_drops_to_chance_after_leace():
     train, test, table = _synthetic(n_train=80, n_test=200)
