@@ -84,14 +84,23 @@ class ModelConfig:
     backbone_config: dict[str, Any] | None = None
     # Tokenizer directory or hub id; defaults to ``name_or_path``.
     tokenizer: str | None = None
-    pooling: Literal["cls", "mean", "pooler"] = "cls"
+    # cls: first token (BERT, XLM-R, bge-m3); mean: masked mean (E5, Contriever); pooler: the backbone's pooler
+    # (dense + tanh over the first token: LaBSE); last_token: the last real token (decoder embedders: Qwen3-Embedding,
+    # e5-mistral). last_token also left-pads, appends the tokenizer's EOS to every text and pads with EOS when the
+    # tokenizer has no pad token (lancer_dist.model.encoder.prepare_tokenizer).
+    pooling: Literal["cls", "mean", "pooler", "last_token"] = "cls"
     normalize: bool = False
     # Scores are ``q @ p.T / temperature``.
     temperature: float = 1.0
     # Siamese (one backbone for queries and passages) or two towers.
     shared_towers: bool = True
+    # Literal prefixes, e.g. E5's "query: " / "passage: ".
     query_prefix: str = ""
     passage_prefix: str = ""
+    # An instruction for queries (decoder embedders), rendered with ``query_instruction_template`` in front of
+    # ``query_prefix`` + the query; passages get none. Empty = no instruction.
+    query_instruction: str = ""
+    query_instruction_template: str = "Instruct: {instruction}\nQuery: "
     max_query_length: int = 64
     max_passage_length: int = 128
     gradient_checkpointing: bool = False
@@ -120,12 +129,35 @@ class ModelConfig:
                 "a tokenizer directory when model.backbone_config builds a random backbone",
             )
         _check(self.temperature > 0, f"{p}.temperature", self.temperature, "a number > 0")
+        _check(
+            _template_fields(self.query_instruction_template) == ["instruction"],
+            f"{p}.query_instruction_template",
+            self.query_instruction_template,
+            "a string with exactly one '{instruction}' field (literal braces doubled: '{{' / '}}')",
+        )
         _check(self.max_query_length > 0, f"{p}.max_query_length", self.max_query_length, "an integer > 0")
         _check(
             self.max_passage_length > 0, f"{p}.max_passage_length", self.max_passage_length, "an integer > 0"
         )
         if self.dropout is not None:
             _check(0.0 <= self.dropout < 1.0, f"{p}.dropout", self.dropout, "a probability in [0, 1) or null")
+
+    @property
+    def query_text_prefix(self) -> str:
+        """What every query text is prefixed with (training, encoding, and the saved sentence-transformers
+        ``query`` prompt): the rendered instruction, if any, then ``query_prefix``."""
+        if not self.query_instruction:
+            return self.query_prefix
+        return self.query_instruction_template.format(instruction=self.query_instruction) + self.query_prefix
+
+
+def _template_fields(template: str) -> list[str] | None:
+    import string
+
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError:
+        return None
 
 
 @dataclass
