@@ -34,6 +34,7 @@ __all__ = [
     "ErasureDataConfig",
     "EvalConfig",
     "IndexConfig",
+    "LoraConfig",
     "LossConfig",
     "ModelConfig",
     "ProbeConfig",
@@ -68,6 +69,32 @@ def _check(ok: bool, name: str, value: Any, expected: str) -> None:
 # --------------------------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters through PEFT (lancer_dist/model/lora.py): only the adapters train; the saved final model has
+    them merged into the weights (a plain transformers / sentence-transformers directory)."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # Module names to adapt (e.g. [q_proj, k_proj, v_proj, o_proj] for Qwen / Llama, [query, key, value] for BERT);
+    # null = PEFT's default for the architecture.
+    target_modules: list[str] | None = None
+
+    def validate(self, p: str) -> None:
+        _check(self.r > 0, f"{p}.r", self.r, "an integer > 0")
+        _check(self.alpha > 0, f"{p}.alpha", self.alpha, "an integer > 0")
+        _check(0.0 <= self.dropout < 1.0, f"{p}.dropout", self.dropout, "a probability in [0, 1)")
+        if self.target_modules is not None:
+            _check(
+                len(self.target_modules) > 0 and all(self.target_modules),
+                f"{p}.target_modules",
+                self.target_modules,
+                "a non-empty list of module names, or null for PEFT's default",
+            )
 
 
 @dataclass
@@ -107,6 +134,7 @@ class ModelConfig:
     # Overrides the backbone's hidden and attention dropout (0.0 for exactness tests); None keeps the backbone's.
     dropout: float | None = None
     freeze_embeddings: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self, p: str) -> None:
         _check(

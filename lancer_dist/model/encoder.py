@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lancer_dist.config import ConfigError, ModelConfig
+from lancer_dist.model.lora import is_lora, lora_scaling, merge_lora_state_dict
 
 ENCODER_META = "lancer_encoder.json"
 
@@ -161,6 +162,12 @@ class BiEncoder(nn.Module):
             prompts={"query": cfg.query_text_prefix, "passage": cfg.passage_prefix},
             max_seq_length=max(cfg.max_query_length, cfg.max_passage_length),
         )
+        if cfg.lora.enabled:
+            from lancer_dist.model.lora import apply_lora
+
+            model.query_backbone = apply_lora(model.query_backbone, cfg.lora)
+            if model.passage_backbone is not None:
+                model.passage_backbone = apply_lora(model.passage_backbone, cfg.lora)
         if cfg.freeze_embeddings:
             for bb in model.backbones():
                 emb = bb.get_input_embeddings()
@@ -259,7 +266,11 @@ class BiEncoder(nn.Module):
             sub = None
             if state_dict is not None:
                 sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-            bb.save_pretrained(d, safe_serialization=True, state_dict=sub)
+            if is_lora(bb):  # adapters merged: a plain transformers model of the base architecture
+                sub = merge_lora_state_dict(sub if sub is not None else bb.state_dict(), lora_scaling(bb))
+                bb = bb.get_base_model()
+            # a copy: transformers' save_pretrained empties the dict it is given
+            bb.save_pretrained(d, safe_serialization=True, state_dict=dict(sub) if sub is not None else None)
             if tokenizer is not None:
                 tokenizer.save_pretrained(d)
             _write_sentence_transformers_modules(

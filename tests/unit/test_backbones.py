@@ -53,6 +53,34 @@ def _tokenizer(*, bos_template: bool = False, decoder: bool = True, byte_level: 
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+def _qwen_tokenizer():
+    """transformers' own Qwen2Tokenizer (byte-level BPE, EOS ``<|endoftext|>``, no BOS) over a small vocabulary: the
+    byte alphabet plus merges for the test's words. transformers rebuilds a Qwen2 tokenizer from its vocabulary and
+    merges when it loads one, so a saved decoder model must carry a tokenizer of its own class."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    merges: list[tuple[str, str]] = []
+    for word in sorted({w for t in TEXTS for w in t.split()}):
+        piece = word[0]
+        for ch in word[1:]:
+            if piece + ch not in vocab:
+                merges.append((piece, ch))
+                vocab[piece + ch] = len(vocab)
+            piece += ch
+    vocab["<|endoftext|>"] = len(vocab)
+    return Qwen2Tokenizer(vocab=vocab, merges=merges)
+
+
+def _tokenizer_for(model_type: str):
+    if model_type == "bert":
+        return _tokenizer(decoder=False)
+    if model_type == "qwen2":
+        return _qwen_tokenizer()
+    return _tokenizer(bos_template=True)  # llama: BOS template, no pad token
+
+
 def _backbone_config(model_type: str, vocab: int) -> dict:
     common = {"model_type": model_type, "vocab_size": vocab, "hidden_size": 32, "num_hidden_layers": 2}
     if model_type == "bert":
@@ -62,7 +90,7 @@ def _backbone_config(model_type: str, vocab: int) -> dict:
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "intermediate_size": 64,
-        "max_position_embeddings": 64,
+        "max_position_embeddings": 512,
     }
 
 
@@ -154,7 +182,7 @@ def test_bad_instruction_template_names_the_field(template):
 
 @pytest.mark.parametrize("model_type", ["qwen2", "llama"])
 def test_last_token_embedding_is_the_last_real_state_and_padding_side_free(model_type):
-    tok = prepare_tokenizer(_tokenizer(bos_template=model_type == "llama"), "last_token")
+    tok = prepare_tokenizer(_tokenizer_for(model_type), "last_token")
     cfg = _model_cfg(model_type, "last_token", len(tok))
     model = _encoder(cfg).double()
     coll = Collator.from_config(cfg, tok)
@@ -190,8 +218,11 @@ CASES = [("bert", "cls"), ("bert", "mean"), ("bert", "pooler"), ("qwen2", "last_
 
 
 def _save(tmp_path: Path, model_type: str, pooling: str, **kw) -> tuple[Path, BiEncoder]:
-    tok = _tokenizer(decoder=model_type != "bert")
-    cfg = _model_cfg(model_type, pooling, len(tok), normalize=True, **kw)
+    tok = _tokenizer_for(model_type)
+    # one length for queries and passages: sentence-transformers has a single max_seq_length
+    cfg = _model_cfg(
+        model_type, pooling, len(tok), normalize=True, max_query_length=128, max_passage_length=128, **kw
+    )
     tok = prepare_tokenizer(tok, cfg.pooling)
     model = _encoder(cfg)
     out = model.save_pretrained(tmp_path / f"{model_type}-{pooling}", tok)
@@ -208,7 +239,11 @@ def test_saved_model_loads_in_sentence_transformers_with_same_embeddings(tmp_pat
     if pooling == "last_token":
         kw["query_instruction"] = INSTRUCTION
     out, _ = _save(tmp_path, model_type, pooling, **kw)
-    ours = load_encoder(EncoderSpec(str(out)), device="cpu")  # prompts come from the saved directory
+    ours = load_encoder(EncoderSpec(str(out), max_query_length=128, max_passage_length=128), device="cpu")
+    # the saved tokenizer reads texts as the one that was saved (prompts come from the saved directory)
+    original = prepare_tokenizer(_tokenizer_for(model_type), pooling)
+    for t in TEXTS:
+        assert ours.tokenizer(t)["input_ids"] == original(t)["input_ids"]
     st = SentenceTransformer(str(out), device="cpu")
     assert st.prompts["passage"] == "passage: "
     module_types = [type(m).__name__ for m in st]
