@@ -107,6 +107,11 @@ class ModelConfig:
 
     # A local transformers model directory or a hub id. Ignored for the weights when ``backbone_config`` is set.
     name_or_path: str = ""
+    # Hub options for name_or_path (and the tokenizer): a branch / tag / commit, the download cache directory
+    # (default: the hub's, HF_HOME), and whether code shipped with the model may run (off unless set).
+    revision: str | None = None
+    cache_dir: str | None = None
+    trust_remote_code: bool = False
     # A transformers config dict (with ``model_type``) to build a randomly initialised backbone (tests, tiny runs).
     backbone_config: dict[str, Any] | None = None
     # Tokenizer directory or hub id; defaults to ``name_or_path``.
@@ -470,7 +475,9 @@ class EvalConfig:
 
     # Encoder directory evaluated as the baseline; "" = model.name_or_path (or, for a random model.backbone_config,
     # that random model seeded with train.seed). Prefixes and lengths come from the model section.
+    # A hub id is resolved to its local snapshot (at eval.model_revision; model.cache_dir) before encoding.
     model: str = ""
+    model_revision: str | None = None
     # A LANCER-trained encoder directory shown next to the baseline (Table 2); "" = none.
     lancer_model: str = ""
     # BEIR-layout collection directories (corpus.jsonl, queries.jsonl, qrels/test.tsv), each evaluated.

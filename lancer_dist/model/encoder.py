@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lancer_dist.config import ConfigError, ModelConfig
+from lancer_dist.model.hub import hub_kwargs
 from lancer_dist.model.lora import is_lora, lora_scaling, merge_lora_state_dict
 
 ENCODER_META = "lancer_encoder.json"
@@ -68,10 +69,10 @@ def build_backbone(cfg: ModelConfig, subdir: str | None = None) -> Any:
             _set_dropout(config, cfg.dropout)
         return _without_unused_pooler(lambda **kw: AutoModel.from_config(config, **kw), cfg.pooling)
     path = cfg.name_or_path if subdir is None else str(Path(cfg.name_or_path) / subdir)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = hub_kwargs(cfg.revision, cfg.cache_dir, cfg.trust_remote_code)
     with _names_field("model.name_or_path", cfg.name_or_path):
         if cfg.dropout is not None:
-            config = AutoConfig.from_pretrained(path)
+            config = AutoConfig.from_pretrained(path, **kwargs)
             _set_dropout(config, cfg.dropout)
             kwargs["config"] = config
         return _without_unused_pooler(
@@ -464,6 +465,8 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
     field_name = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    # the revision pins model.name_or_path's repository; a separate tokenizer is taken at its default revision
+    kwargs = hub_kwargs(None if cfg.tokenizer else cfg.revision, cfg.cache_dir, cfg.trust_remote_code)
     with _names_field(field_name, cfg.tokenizer or cfg.name_or_path):
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.name_or_path, **kwargs)
     return prepare_tokenizer(tokenizer, cfg.pooling)

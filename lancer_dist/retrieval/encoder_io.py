@@ -30,6 +30,8 @@ class EncoderSpec:
     max_query_length: int = 64
     max_passage_length: int = 128
     tokenizer: str | None = None  # default: the model directory (or its query/ tower)
+    # run code shipped with the model directory (a hub snapshot of a custom architecture); off unless configured
+    trust_remote_code: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,6 +45,7 @@ class EncoderSpec:
             passage_prefix=model_cfg.passage_prefix,
             max_query_length=model_cfg.max_query_length,
             max_passage_length=model_cfg.max_passage_length,
+            trust_remote_code=model_cfg.trust_remote_code,
         )
 
 
@@ -128,10 +131,13 @@ def load_encoder(spec: EncoderSpec, device: str | None = None) -> LoadedEncoder:
         temperature=float(meta.get("temperature", 1.0)),
         shared_towers=bool(meta.get("shared_towers", True)),
         dropout=0.0,
+        trust_remote_code=spec.trust_remote_code,
     )
     model = BiEncoder.from_config(cfg)
     tok_dir = spec.tokenizer or (str(path / "query") if (path / "query").is_dir() else str(path))
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(tok_dir), cfg.pooling)
+    tokenizer = prepare_tokenizer(
+        AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=spec.trust_remote_code), cfg.pooling
+    )
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(dev).eval()
     return LoadedEncoder(model, tokenizer, spec, dev, prompts=meta.get("prompts"))

@@ -217,14 +217,14 @@ def test_last_token_embedding_is_the_last_real_state_and_padding_side_free(model
 CASES = [("bert", "cls"), ("bert", "mean"), ("bert", "pooler"), ("qwen2", "last_token")]
 
 
-def _save(tmp_path: Path, model_type: str, pooling: str, **kw) -> tuple[Path, BiEncoder]:
+def _save(tmp_path: Path, model_type: str, pooling: str, seed: int = 0, **kw) -> tuple[Path, BiEncoder]:
     tok = _tokenizer_for(model_type)
     # one length for queries and passages: sentence-transformers has a single max_seq_length
     cfg = _model_cfg(
         model_type, pooling, len(tok), normalize=True, max_query_length=128, max_passage_length=128, **kw
     )
     tok = prepare_tokenizer(tok, cfg.pooling)
-    model = _encoder(cfg)
+    model = _encoder(cfg, seed)
     out = model.save_pretrained(tmp_path / f"{model_type}-{pooling}", tok)
     return out, model
 
