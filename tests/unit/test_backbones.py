@@ -180,6 +180,19 @@ def test_bad_instruction_template_names_the_field(template):
 # ---- last-token pooling -------------------------------------------------------------------------------------------
 
 
+def test_last_token_pool_picks_the_last_real_position():
+    from lancer_dist.model import pool
+
+    g = torch.Generator().manual_seed(0)
+    h_BTH = torch.randn(5, 7, 3, generator=g)
+    lengths = [7, 1, 4, 6, 2]
+    right = torch.tensor([[1] * n + [0] * (7 - n) for n in lengths])
+    left = right.flip(1)
+    for mask, last in ((right, [n - 1 for n in lengths]), (left, [6] * 5)):
+        expected = torch.stack([h_BTH[b, last[b]] for b in range(5)])
+        assert torch.equal(pool(h_BTH, mask, "last_token"), expected)
+
+
 @pytest.mark.parametrize("model_type", ["qwen2", "llama"])
 def test_last_token_embedding_is_the_last_real_state_and_padding_side_free(model_type):
     tok = prepare_tokenizer(_tokenizer_for(model_type), "last_token")
