@@ -132,6 +132,9 @@ def load_encoder(spec: EncoderSpec, device: str | None = None) -> LoadedEncoder:
         shared_towers=bool(meta.get("shared_towers", True)),
         dropout=0.0,
         trust_remote_code=spec.trust_remote_code,
+        # kept on the model, so that saving it again keeps its prompts
+        query_prefix=str((meta.get("prompts") or {}).get("query", "")),
+        passage_prefix=str((meta.get("prompts") or {}).get("passage", "")),
     )
     model = BiEncoder.from_config(cfg)
     tok_dir = spec.tokenizer or (str(path / "query") if (path / "query").is_dir() else str(path))

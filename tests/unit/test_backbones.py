@@ -266,6 +266,9 @@ def test_saved_model_loads_in_sentence_transformers_with_same_embeddings(tmp_pat
         b = st.encode(TEXTS, prompt_name=name, batch_size=3, convert_to_numpy=True)
         assert np.abs(np.linalg.norm(b, axis=1) - 1).max() < 1e-5  # Normalize module present
         assert np.abs(a - b).max() <= 1e-5, (name, np.abs(a - b).max())
+    assert ours.model.prompts == {
+        k: st.prompts[k] for k in ("query", "passage")
+    }  # kept on the loaded model too
     # the prompts were really applied (an unprompted query is a different vector)
     plain = st.encode(TEXTS, batch_size=3, convert_to_numpy=True)
     assert np.abs(plain - ours.encode(TEXTS, is_query=True)).max() > 1e-3
