@@ -48,7 +48,8 @@ def _rss_mb() -> float:
 
 def make_store(root: Path, n: int, dim: int, shard_size: int, clusters: int, dtype: str, seed: int) -> Path:
     """Write the synthetic corpus shard by shard (the driver never holds more than one shard)."""
-    from lancer_dist.retrieval.store import FORMAT, write_json_atomic, write_shard
+    from lancer_dist.fileio import atomic_write_json
+    from lancer_dist.retrieval.store import FORMAT, write_shard
 
     out = root / f"store-{dtype}"
     if (out / "manifest.json").is_file():
@@ -65,7 +66,7 @@ def make_store(root: Path, n: int, dim: int, shard_size: int, clusters: int, dty
         ids = [f"p{start + j}" for j in range(m)]
         write_shard(out, i, ids, ["und"] * m, x.astype(dtype))
         shards.append({"index": i, "count": m, "rows": m, "attempts": 1})
-    write_json_atomic(
+    atomic_write_json(
         out / "manifest.json",
         {
             "format": FORMAT,

@@ -34,6 +34,7 @@ __all__ = [
     "ErasureDataConfig",
     "EvalConfig",
     "IndexConfig",
+    "LoraConfig",
     "LossConfig",
     "ModelConfig",
     "ProbeConfig",
@@ -71,6 +72,32 @@ def _check(ok: bool, name: str, value: Any, expected: str) -> None:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters through PEFT (lancer_dist/model/lora.py): only the adapters train; the saved final model has
+    them merged into the weights (a plain transformers / sentence-transformers directory)."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # Module names to adapt (e.g. [q_proj, k_proj, v_proj, o_proj] for Qwen / Llama, [query, key, value] for BERT);
+    # null = PEFT's default for the architecture.
+    target_modules: list[str] | None = None
+
+    def validate(self, p: str) -> None:
+        _check(self.r > 0, f"{p}.r", self.r, "an integer > 0")
+        _check(self.alpha > 0, f"{p}.alpha", self.alpha, "an integer > 0")
+        _check(0.0 <= self.dropout < 1.0, f"{p}.dropout", self.dropout, "a probability in [0, 1)")
+        if self.target_modules is not None:
+            _check(
+                len(self.target_modules) > 0 and all(self.target_modules),
+                f"{p}.target_modules",
+                self.target_modules,
+                "a non-empty list of module names, or null for PEFT's default",
+            )
+
+
+@dataclass
 class ModelConfig:
     """The bi-encoder: a transformers backbone, pooling, normalisation and score scale.
 
@@ -80,24 +107,39 @@ class ModelConfig:
 
     # A local transformers model directory or a hub id. Ignored for the weights when ``backbone_config`` is set.
     name_or_path: str = ""
+    # Hub options for name_or_path (and the tokenizer): a branch / tag / commit, the download cache directory
+    # (default: the hub's, HF_HOME), and whether code shipped with the model may run (off unless set).
+    revision: str | None = None
+    cache_dir: str | None = None
+    trust_remote_code: bool = False
     # A transformers config dict (with ``model_type``) to build a randomly initialised backbone (tests, tiny runs).
     backbone_config: dict[str, Any] | None = None
     # Tokenizer directory or hub id; defaults to ``name_or_path``.
     tokenizer: str | None = None
-    pooling: Literal["cls", "mean", "pooler"] = "cls"
+    # cls: first token (BERT, XLM-R, bge-m3); mean: masked mean (E5, Contriever); pooler: the backbone's pooler
+    # (dense + tanh over the first token: LaBSE); last_token: the last real token (decoder embedders: Qwen3-Embedding,
+    # e5-mistral). last_token also left-pads, appends the tokenizer's EOS to every text and pads with EOS when the
+    # tokenizer has no pad token (lancer_dist.model.encoder.prepare_tokenizer).
+    pooling: Literal["cls", "mean", "pooler", "last_token"] = "cls"
     normalize: bool = False
     # Scores are ``q @ p.T / temperature``.
     temperature: float = 1.0
     # Siamese (one backbone for queries and passages) or two towers.
     shared_towers: bool = True
+    # Literal prefixes, e.g. E5's "query: " / "passage: ".
     query_prefix: str = ""
     passage_prefix: str = ""
+    # An instruction for queries (decoder embedders), rendered with ``query_instruction_template`` in front of
+    # ``query_prefix`` + the query; passages get none. Empty = no instruction.
+    query_instruction: str = ""
+    query_instruction_template: str = "Instruct: {instruction}\nQuery: "
     max_query_length: int = 64
     max_passage_length: int = 128
     gradient_checkpointing: bool = False
     # Overrides the backbone's hidden and attention dropout (0.0 for exactness tests); None keeps the backbone's.
     dropout: float | None = None
     freeze_embeddings: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self, p: str) -> None:
         _check(
@@ -120,12 +162,35 @@ class ModelConfig:
                 "a tokenizer directory when model.backbone_config builds a random backbone",
             )
         _check(self.temperature > 0, f"{p}.temperature", self.temperature, "a number > 0")
+        _check(
+            _template_fields(self.query_instruction_template) == ["instruction"],
+            f"{p}.query_instruction_template",
+            self.query_instruction_template,
+            "a string with exactly one '{instruction}' field (literal braces doubled: '{{' / '}}')",
+        )
         _check(self.max_query_length > 0, f"{p}.max_query_length", self.max_query_length, "an integer > 0")
         _check(
             self.max_passage_length > 0, f"{p}.max_passage_length", self.max_passage_length, "an integer > 0"
         )
         if self.dropout is not None:
             _check(0.0 <= self.dropout < 1.0, f"{p}.dropout", self.dropout, "a probability in [0, 1) or null")
+
+    @property
+    def query_text_prefix(self) -> str:
+        """What every query text is prefixed with (training, encoding, and the saved sentence-transformers
+        ``query`` prompt): the rendered instruction, if any, then ``query_prefix``."""
+        if not self.query_instruction:
+            return self.query_prefix
+        return self.query_instruction_template.format(instruction=self.query_instruction) + self.query_prefix
+
+
+def _template_fields(template: str) -> list[str] | None:
+    import string
+
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError:
+        return None
 
 
 @dataclass
@@ -427,7 +492,9 @@ class EvalConfig:
 
     # Encoder directory evaluated as the baseline; "" = model.name_or_path (or, for a random model.backbone_config,
     # that random model seeded with train.seed). Prefixes and lengths come from the model section.
+    # A hub id is resolved to its local snapshot (at eval.model_revision; model.cache_dir) before encoding.
     model: str = ""
+    model_revision: str | None = None
     # A LANCER-trained encoder directory shown next to the baseline (Table 2); "" = none.
     lancer_model: str = ""
     # BEIR-layout collection directories (corpus.jsonl, queries.jsonl, qrels/test.tsv), each evaluated.

@@ -1,7 +1,10 @@
 """Tokenisation and collation: texts -> padded ``input_ids`` / ``attention_mask`` tensors.
 
-Queries and passages get the model's prefixes (``query: `` / ``passage: `` for E5) and are truncated to the model's
-max lengths (special tokens included); each batch is padded to its own longest sequence.
+Queries and passages get the model's prefixes (``query: `` / ``passage: `` for E5; a rendered instruction before
+queries for decoder embedders) and are truncated to the model's max lengths (special tokens included); each batch is
+padded to its own longest sequence, on the tokenizer's padding side. This is the one text rule: training batches and
+evaluation encoding (:mod:`lancer_dist.retrieval.encoder_io`) both go through :class:`Collator`, with a tokenizer set
+up by :func:`lancer_dist.model.encoder.prepare_tokenizer` (pad token, left padding and EOS for last-token pooling).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class Collator:
     def from_config(cls, cfg: ModelConfig, tokenizer: Any) -> Collator:
         return cls(
             tokenizer,
-            query_prefix=cfg.query_prefix,
+            query_prefix=cfg.query_text_prefix,
             passage_prefix=cfg.passage_prefix,
             max_query_length=cfg.max_query_length,
             max_passage_length=cfg.max_passage_length,

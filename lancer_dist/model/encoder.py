@@ -11,10 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lancer_dist.config import ConfigError, ModelConfig
+from lancer_dist.model.hub import hub_kwargs
+from lancer_dist.model.lora import is_lora, lora_scaling, merge_lora_state_dict
 
 ENCODER_META = "lancer_encoder.json"
 
@@ -22,7 +25,9 @@ ENCODER_META = "lancer_encoder.json"
 def pool(
     hidden_BTH: Tensor, attention_mask_BT: Tensor, pooling: str, pooler_output: Tensor | None = None
 ) -> Tensor:
-    """Pool token states [B, T, H] into [B, H]: the first token (cls), the masked mean, or the backbone's pooler."""
+    """Pool token states [B, T, H] into [B, H]: the first token (cls), the masked mean, the backbone's pooler
+    (LaBSE / BERT: dense + tanh over the first token), or the last real token (decoders; found from the mask, so
+    left and right padding both work)."""
     if pooling == "cls":
         return hidden_BTH[:, 0]
     if pooling == "mean":
@@ -32,7 +37,12 @@ def pool(
         if pooler_output is None:
             raise ValueError("pooling 'pooler' needs a backbone with a pooler layer (pooler_output is None)")
         return pooler_output
-    raise ValueError(f"unknown pooling {pooling!r}: expected 'cls', 'mean' or 'pooler'")
+    if pooling == "last_token":
+        B, T = attention_mask_BT.shape
+        # position of the last 1 in each row: T - 1 - (index of the first 1 in the flipped row)
+        last_B = T - 1 - attention_mask_BT.flip(1).long().argmax(1)
+        return hidden_BTH[torch.arange(B, device=hidden_BTH.device), last_B]
+    raise ValueError(f"unknown pooling {pooling!r}: expected 'cls', 'mean', 'pooler' or 'last_token'")
 
 
 def _set_dropout(config: Any, p: float) -> None:
@@ -59,10 +69,10 @@ def build_backbone(cfg: ModelConfig, subdir: str | None = None) -> Any:
             _set_dropout(config, cfg.dropout)
         return _without_unused_pooler(lambda **kw: AutoModel.from_config(config, **kw), cfg.pooling)
     path = cfg.name_or_path if subdir is None else str(Path(cfg.name_or_path) / subdir)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = hub_kwargs(cfg.revision, cfg.cache_dir, cfg.trust_remote_code)
     with _names_field("model.name_or_path", cfg.name_or_path):
         if cfg.dropout is not None:
-            config = AutoConfig.from_pretrained(path)
+            config = AutoConfig.from_pretrained(path, **kwargs)
             _set_dropout(config, cfg.dropout)
             kwargs["config"] = config
         return _without_unused_pooler(
@@ -118,8 +128,14 @@ class BiEncoder(nn.Module):
         pooling: str = "cls",
         normalize: bool = False,
         temperature: float = 1.0,
+        prompts: dict[str, str] | None = None,
+        max_seq_length: int = 512,
     ):
         super().__init__()
+        # Text prefixes ({"query": ..., "passage": ...}) and length: not used by encode(), which gets token ids;
+        # recorded with the saved model so that loaders (lancer's and sentence-transformers') use the same text rule.
+        self.prompts = dict(prompts or {})
+        self.max_seq_length = max_seq_length
         self.query_backbone: Any = query_backbone
         # None = shared towers (Siamese); registering the same module twice would duplicate its parameters.
         self.passage_backbone: Any = passage_backbone
@@ -138,7 +154,21 @@ class BiEncoder(nn.Module):
             if two_towers:
                 p = build_backbone(cfg)
                 p.load_state_dict(q.state_dict())  # two towers start from the same weights
-        model = cls(q, p, pooling=cfg.pooling, normalize=cfg.normalize, temperature=cfg.temperature)
+        model = cls(
+            q,
+            p,
+            pooling=cfg.pooling,
+            normalize=cfg.normalize,
+            temperature=cfg.temperature,
+            prompts={"query": cfg.query_text_prefix, "passage": cfg.passage_prefix},
+            max_seq_length=max(cfg.max_query_length, cfg.max_passage_length),
+        )
+        if cfg.lora.enabled:
+            from lancer_dist.model.lora import apply_lora
+
+            model.query_backbone = apply_lora(model.query_backbone, cfg.lora)
+            if model.passage_backbone is not None:
+                model.passage_backbone = apply_lora(model.passage_backbone, cfg.lora)
         if cfg.freeze_embeddings:
             for bb in model.backbones():
                 emb = bb.get_input_embeddings()
@@ -171,7 +201,13 @@ class BiEncoder(nn.Module):
         backbone = (
             self.query_backbone if (is_query or self.passage_backbone is None) else self.passage_backbone
         )
-        out = backbone(input_ids=input_ids, attention_mask=attention_mask)
+        if self.pooling == "last_token":
+            # Decoders are left-padded: positions count real tokens only, so a text's states do not depend on
+            # how much padding its batch needed (RoPE makes a shift nearly harmless, absolute positions do not).
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        else:
+            out = backbone(input_ids=input_ids, attention_mask=attention_mask)
         pooler_output = getattr(out, "pooler_output", None)
         emb_BH = pool(out.last_hidden_state, attention_mask, self.pooling, pooler_output)
         if self.normalize:
@@ -231,26 +267,55 @@ class BiEncoder(nn.Module):
             sub = None
             if state_dict is not None:
                 sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-            bb.save_pretrained(d, safe_serialization=True, state_dict=sub)
+            if is_lora(bb):  # adapters merged: a plain transformers model of the base architecture
+                sub = merge_lora_state_dict(sub if sub is not None else bb.state_dict(), lora_scaling(bb))
+                bb = bb.get_base_model()
+            # a copy: transformers' save_pretrained empties the dict it is given
+            bb.save_pretrained(d, safe_serialization=True, state_dict=dict(sub) if sub is not None else None)
             if tokenizer is not None:
                 tokenizer.save_pretrained(d)
-            _write_sentence_transformers_modules(d, self.embedding_dim, self.pooling, self.normalize)
+            _write_sentence_transformers_modules(
+                d,
+                self.embedding_dim,
+                self.pooling,
+                self.normalize,
+                sub if sub is not None else bb.state_dict(),
+                self.prompts,
+                self.max_seq_length,
+            )
         meta = {
             "pooling": self.pooling,
             "normalize": self.normalize,
             "temperature": self.temperature,
             "shared_towers": self.shared,
+            "prompts": self.prompts,
             **(extra or {}),
         }
         (out / ENCODER_META).write_text(json.dumps(meta, indent=2))
         return out
 
 
-def _write_sentence_transformers_modules(d: Path, dim: int, pooling: str, normalize: bool) -> None:
+def _write_sentence_transformers_modules(
+    d: Path,
+    dim: int,
+    pooling: str,
+    normalize: bool,
+    weights: dict[str, Tensor],
+    prompts: dict[str, str],
+    max_seq_length: int,
+) -> None:
+    """sentence-transformers' module files: Transformer -> Pooling [-> Dense(tanh) for 'pooler'] [-> Normalize],
+    the query / passage prompts and the sequence length, so that ``SentenceTransformer(d)`` encodes as
+    :meth:`BiEncoder.encode` does. ``weights`` is the backbone's state dict (the pooler's dense layer is copied)."""
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    (d / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}, indent=2)
+    )
     pool_dir = d / "1_Pooling"
     pool_dir.mkdir(exist_ok=True)
-    mode = {"cls": "cls", "mean": "mean", "pooler": "cls"}[pooling]
+    # LaBSE's pooler = the first token's state through dense + tanh: CLS pooling followed by a Dense module
+    mode = {"cls": "cls", "mean": "mean", "pooler": "cls", "last_token": "lasttoken"}[pooling]
+    # the long-standing key format (sentence-transformers 2.x to 6.x read it)
     (pool_dir / "config.json").write_text(
         json.dumps(
             {
@@ -259,6 +324,9 @@ def _write_sentence_transformers_modules(d: Path, dim: int, pooling: str, normal
                 "pooling_mode_mean_tokens": mode == "mean",
                 "pooling_mode_max_tokens": False,
                 "pooling_mode_mean_sqrt_len_tokens": False,
+                "pooling_mode_weightedmean_tokens": False,
+                "pooling_mode_lasttoken": mode == "lasttoken",
+                "include_prompt": True,
             },
             indent=2,
         )
@@ -266,17 +334,139 @@ def _write_sentence_transformers_modules(d: Path, dim: int, pooling: str, normal
     modules.append(
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}
     )
-    if normalize:
-        modules.append(
-            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+    if pooling == "pooler":
+        from safetensors.torch import save_file
+
+        w, b = weights.get("pooler.dense.weight"), weights.get("pooler.dense.bias")
+        if w is None or b is None:
+            raise ValueError("pooling 'pooler': the backbone has no pooler.dense layer to save")
+        dense_dir = d / "2_Dense"
+        dense_dir.mkdir(exist_ok=True)
+        (dense_dir / "config.json").write_text(
+            json.dumps(
+                {
+                    "in_features": int(w.shape[1]),
+                    "out_features": int(w.shape[0]),
+                    "bias": True,
+                    "activation_function": "torch.nn.modules.activation.Tanh",
+                },
+                indent=2,
+            )
         )
-        (d / "2_Normalize").mkdir(exist_ok=True)
+        save_file(
+            {"linear.weight": w.detach().cpu().contiguous(), "linear.bias": b.detach().cpu().contiguous()},
+            str(dense_dir / "model.safetensors"),
+        )
+        modules.append(
+            {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+        )
+    if normalize:
+        n = len(modules)
+        modules.append(
+            {
+                "idx": n,
+                "name": str(n),
+                "path": f"{n}_Normalize",
+                "type": "sentence_transformers.models.Normalize",
+            }
+        )
+        (d / f"{n}_Normalize").mkdir(exist_ok=True)
     (d / "modules.json").write_text(json.dumps(modules, indent=2))
+    (d / "config_sentence_transformers.json").write_text(
+        json.dumps(
+            {
+                "prompts": prompts,
+                "default_prompt_name": None,
+                "similarity_fn_name": "cosine" if normalize else "dot",
+            },
+            indent=2,
+        )
+    )
+
+
+def prepare_tokenizer(tokenizer: Any, pooling: str) -> Any:
+    """The one text rule's tokenizer side, applied in training, encoding and to the saved model (in place;
+    idempotent): a tokenizer without a pad token pads with its EOS token; for ``last_token`` pooling it pads on
+    the left and appends EOS to every text (as Qwen3-Embedding / e5-mistral do), through the fast tokenizer's
+    post-processor, so truncation keeps the EOS and sentence-transformers loading the saved tokenizer does the same.
+    """
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                "the tokenizer has neither a pad token nor an EOS token to pad with: set one in its tokenizer_config.json"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    if pooling != "last_token":
+        return tokenizer
+    tokenizer.padding_side = "left"
+    # init_kwargs is what save_pretrained writes to tokenizer_config.json: the saved tokenizer pads left too
+    tokenizer.init_kwargs["padding_side"] = "left"
+    eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("pooling 'last_token' needs a tokenizer with an EOS token to append")
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    if probe and probe[-1] == eos_id:
+        return tokenizer  # already appends EOS (Qwen3-Embedding's tokenizer, or prepared before)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("pooling 'last_token' needs a fast (tokenizers-backed) tokenizer to append EOS")
+    from tokenizers import Tokenizer
+
+    backend = tokenizer.backend_tokenizer
+    full = json.loads(backend.to_str())
+    full["post_processor"] = _append_eos_processor(full.get("post_processor"), eos, int(eos_id))
+    backend.post_processor = Tokenizer.from_str(json.dumps(full)).post_processor
+    return tokenizer
+
+
+def _append_eos_processor(pp: dict | None, eos: str, eos_id: int) -> dict:
+    """A post-processor (tokenizers JSON) that does what ``pp`` does and then appends ``eos`` to each sequence.
+
+    A template (Llama's ``<s> $A``) gets the EOS inside it; chaining a second template after a first one in a
+    ``Sequence`` does not compose (it puts the EOS right after the BOS). Anything else (ByteLevel offset trimming)
+    runs first, then the EOS template."""
+    eos_item = {"SpecialToken": {"id": eos, "type_id": 0}}
+    eos_spec = {"id": eos, "ids": [eos_id], "tokens": [eos]}
+
+    def template(t: dict) -> dict:
+        t = dict(t)
+        single, pair = list(t["single"]), list(t["pair"])
+        # after each sequence ($A, $B): the EOS with that sequence's type id
+        new_pair: list[dict] = []
+        for item in pair:
+            new_pair.append(item)
+            if "Sequence" in item:
+                new_pair.append({"SpecialToken": {"id": eos, "type_id": item["Sequence"]["type_id"]}})
+        t["single"], t["pair"] = [*single, eos_item], new_pair
+        t["special_tokens"] = {**t.get("special_tokens", {}), eos: eos_spec}
+        return t
+
+    plain = {
+        "type": "TemplateProcessing",
+        "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {},
+    }
+    if pp is None:
+        return template(plain)
+    if pp.get("type") == "TemplateProcessing":
+        return template(pp)
+    if pp.get("type") == "Sequence":
+        subs = list(pp["processors"])
+        idx = [i for i, sub in enumerate(subs) if sub.get("type") == "TemplateProcessing"]
+        if idx:
+            subs[idx[-1]] = template(subs[idx[-1]])
+        else:
+            subs.append(template(plain))
+        return {**pp, "processors": subs}
+    return {"type": "Sequence", "processors": [pp, template(plain)]}
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
     field_name = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    # the revision pins model.name_or_path's repository; a separate tokenizer is taken at its default revision
+    kwargs = hub_kwargs(None if cfg.tokenizer else cfg.revision, cfg.cache_dir, cfg.trust_remote_code)
     with _names_field(field_name, cfg.tokenizer or cfg.name_or_path):
-        return AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.name_or_path, **kwargs)
+    return prepare_tokenizer(tokenizer, cfg.pooling)

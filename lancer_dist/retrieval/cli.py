@@ -20,10 +20,15 @@ DEFAULT_MEASURES = ["nDCG@10", "AP@100", "R@100", "RR@10"]
 
 
 def _spec(cfg, model: str | None, out_dir: Path):  # type: ignore[no-untyped-def]
+    from lancer_dist.model.hub import resolve_model_dir
     from lancer_dist.retrieval.encoder_io import EncoderSpec
     from lancer_dist.retrieval.evaluate import resolve_base_model
 
-    path = Path(model) if model else resolve_base_model(cfg, out_dir)
+    path = (
+        resolve_model_dir(model, "--model", cache_dir=cfg.model.cache_dir)
+        if model
+        else resolve_base_model(cfg, out_dir)
+    )
     return EncoderSpec.from_model_config(str(path), cfg.model)
 
 

@@ -144,19 +144,22 @@ def _common_prefix(parts: list[tuple[str, ...]]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _model_dir(path: str, field_name: str) -> Path:
-    """An encoder directory named by a config field; a missing one is a ConfigError naming that field."""
-    if not Path(path).is_dir():
-        raise ConfigError(field_name, path, "an existing encoder / transformers model directory")
-    return Path(path)
+def _model_dir(path: str, field_name: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
+    """An encoder directory named by a config field: a local directory, or a hub id resolved to its snapshot; a
+    missing one is a ConfigError naming that field."""
+    from lancer_dist.model.hub import resolve_model_dir
+
+    return resolve_model_dir(path, field_name, revision=revision, cache_dir=cache_dir)
 
 
 def resolve_base_model(cfg: RunConfig, out_dir: Path) -> Path:
     """The baseline encoder directory: eval.model, model.name_or_path, or a random backbone saved once."""
     if cfg.eval.model:
-        return _model_dir(cfg.eval.model, "eval.model")
+        return _model_dir(cfg.eval.model, "eval.model", cfg.eval.model_revision, cfg.model.cache_dir)
     if cfg.model.backbone_config is None:
-        return _model_dir(cfg.model.name_or_path, "model.name_or_path")
+        return _model_dir(
+            cfg.model.name_or_path, "model.name_or_path", cfg.model.revision, cfg.model.cache_dir
+        )
     import torch
 
     from lancer_dist.model import BiEncoder, load_tokenizer

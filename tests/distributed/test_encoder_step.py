@@ -1,6 +1,7 @@
 """The full multi-task step on a tiny random encoder under real DDP (gloo, float64): N ranks x B/N == 1 x B.
 
-Loss, gradients and the parameters after one AdamW step match one process on the concatenated batch to 1e-10.
+Loss, gradients and the parameters after one AdamW step match one process on the concatenated batch to 1e-10,
+with full fine-tuning and with LoRA adapters (PEFT; only the adapters train).
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lancer_dist.config import ModelConfig
+from lancer_dist.config import LoraConfig, ModelConfig
 from lancer_dist.dist import ProcessGroupCollectives
 from lancer_dist.losses import lancer_loss
 from lancer_dist.model import BiEncoder
@@ -18,7 +19,7 @@ G, NUM_LANG, VOCAB = 2, 3, 97
 TOL = 1e-10
 
 
-def _model(shared: bool) -> BiEncoder:
+def _model(shared: bool, lora: bool = False) -> BiEncoder:
     torch.manual_seed(0)
     cfg = ModelConfig(
         backbone_config={
@@ -36,8 +37,16 @@ def _model(shared: bool) -> BiEncoder:
         temperature=0.2,
         dropout=0.0,
         shared_towers=shared,
+        lora=LoraConfig(enabled=lora, r=4, alpha=8, target_modules=["query", "value"]),
     )
-    return BiEncoder.from_config(cfg).double()
+    model = BiEncoder.from_config(cfg).double()
+    if lora:  # lora_B starts at zero, which would leave lora_A without gradient: start both non-trivial
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, prm in model.named_parameters():
+                if "lora_B" in name:
+                    prm.copy_(0.1 * torch.randn(prm.shape, generator=g, dtype=prm.dtype))
+    return model
 
 
 def _batch(n: int, length: int, seed: int):
@@ -68,7 +77,7 @@ def _step(model, q, p, x, lang, collectives=None):
     return out, params
 
 
-def _rank_program(rank: int, world: int, b: int, m: int, shared: bool):
+def _rank_program(rank: int, world: int, b: int, m: int, shared: bool, lora: bool = False):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     q, p, x, lang = _data(b, m)
@@ -78,7 +87,7 @@ def _rank_program(rank: int, world: int, b: int, m: int, shared: bool):
         slice(rank * bq * G, (rank + 1) * bq * G),
         slice(rank * bx, (rank + 1) * bx),
     )
-    model = _model(shared)
+    model = _model(shared, lora)
     ddp = DDP(model)
     out, params = _step(
         ddp,
@@ -98,15 +107,21 @@ def _rank_program(rank: int, world: int, b: int, m: int, shared: bool):
     }
 
 
-@pytest.mark.parametrize(("world", "shared"), [(2, True), (3, True), (2, False)])
-def test_ddp_step_equals_single_process(tmp_path, world, shared):
+@pytest.mark.parametrize(
+    ("world", "shared", "lora"), [(2, True, False), (3, True, False), (2, False, False), (2, True, True)]
+)
+def test_ddp_step_equals_single_process(tmp_path, world, shared, lora):
     b, m = 6, 12
-    res = run_distributed(_rank_program, world, tmp_path, b, m, shared)
-    model = _model(shared)
+    res = run_distributed(_rank_program, world, tmp_path, b, m, shared, lora)
+    model = _model(shared, lora)
     before = torch.cat([prm.detach().reshape(-1).clone() for prm in model.parameters()])
     q, p, x, lang = _data(b, m)
     ref, ref_params = _step(model, q, p, x, lang)
     ref_grads = torch.cat([prm.grad.reshape(-1) for prm in model.parameters() if prm.grad is not None])
+    with_grad = [n for n, prm in model.named_parameters() if prm.grad is not None]
+    if lora:  # only the adapters train, and all of them got a gradient
+        assert with_grad == [n for n, prm in model.named_parameters() if ".lora_" in n]
+        assert all(float(prm.grad.abs().max()) > 0 for n, prm in model.named_parameters() if ".lora_" in n)
     assert float(ref.erasure) > 0 and float(ref.retrieval) > 0
     assert float((ref_params - before).abs().max()) > 1e-4  # the step did move the parameters
     for r in res:
