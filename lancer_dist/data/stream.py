@@ -101,10 +101,13 @@ class TrainBatch:
     erasure_input_ids: Tensor  # [M_r, Tp]
     erasure_attention_mask: Tensor  # [M_r, Tp]
     erasure_languages: Tensor  # [M_r] long ids into TrainStream.languages
-    # Provenance (for tests, debugging and duplicate checks): shard keys / docids in tensor row order.
+    # Shard keys / docids in tensor row order: provenance, and the document ids of false-negative masking
+    # (``loss.mask_false_negatives``); "" = a passage stored without an id (never masked).
     query_keys: list[str] = field(default_factory=list)
     passage_docids: list[str] = field(default_factory=list)
     erasure_keys: list[str] = field(default_factory=list)
+    # [B_r] every stored positive's docid of each query's group (not only the one sampled into the batch).
+    query_positive_docids: list[list[str]] = field(default_factory=list)
 
     def pin_memory(self) -> TrainBatch:
         """Page-locked copies of the tensors (what a DataLoader's ``pin_memory`` calls), so that
@@ -459,6 +462,7 @@ class _GlobalReader:
             "q_texts": [],
             "p_ids": [],
             "p_texts": [],
+            "q_pos_ids": [],
         }
         for j in mine:
             out["e_keys"].append(e_rows[j][0])
@@ -472,6 +476,7 @@ class _GlobalReader:
                 out["q_keys"].append(key)
                 if materialise:
                     out["q_texts"].append(rec["query"])
+                    out["q_pos_ids"].append([p["docid"] for p in rec["positives"]])
                     for p in self._group(key, rec, epoch):
                         out["p_ids"].append(p["docid"])
                         out["p_texts"].append(passage_text(p))
@@ -501,6 +506,7 @@ class _GlobalReader:
             erasure_languages=torch.tensor(self.plan.layout, dtype=torch.long),
             query_keys=raw["q_keys"],
             passage_docids=raw["p_ids"],
+            query_positive_docids=raw["q_pos_ids"],
             erasure_keys=raw["e_keys"],
         )
 

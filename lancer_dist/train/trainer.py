@@ -247,9 +247,11 @@ class Trainer:
 
     # ---- the step ------------------------------------------------------------------------------------------
 
-    def _loss(self, q: Tensor, p: Tensor, x: Tensor, langs: Tensor) -> LossOutput:
+    def _loss(self, q: Tensor, p: Tensor, x: Tensor, b: Any) -> LossOutput:
         c = self.cfg
         dt = self.loss_dtype
+        langs = b.erasure_languages
+        mask = c.loss.mask_false_negatives
         return lancer_loss(
             q.to(dt),
             p.to(dt),
@@ -262,6 +264,8 @@ class Trainer:
             erasure_eps=c.loss.erasure_eps,
             gather_negatives=c.loss.gather_negatives,
             collectives=self.collectives,
+            passage_doc_ids=b.passage_docids if mask else None,
+            query_positive_ids=b.query_positive_docids if mask else None,
         )
 
     def _forward_backward(self, b: Any) -> LossOutput:
@@ -273,7 +277,7 @@ class Trainer:
             b.erasure_input_ids,
             b.erasure_attention_mask,
         )
-        out = self._loss(qe, pe, xe, b.erasure_languages)
+        out = self._loss(qe, pe, xe, b)
         self.accelerator.backward(out.loss)
         return out
 
@@ -307,7 +311,7 @@ class Trainer:
                 )
         leaves = [e.detach().to(self.loss_dtype).requires_grad_(True) for e in embs]
         q_l, p_l, x_l = leaves
-        out = self._loss(q_l, p_l, x_l, b.erasure_languages)
+        out = self._loss(q_l, p_l, x_l, b)
         out.loss.backward()
         grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
         work = [
@@ -378,6 +382,10 @@ class Trainer:
             "step_time_s": dt,
             "peak_memory_mb": _peak_memory_mb(),
             "negatives_per_query": float(out.num_passages - 1),
+            # global (query, passage) pairs removed from the softmax as false negatives, and passages without a
+            # docid (never masked); 0 and -1 with loss.mask_false_negatives off
+            "negatives_masked": float(out.negatives_masked),
+            "passages_without_docid": float(out.passages_without_docid),
         }
 
     # ---- the probe -----------------------------------------------------------------------------------------

@@ -33,6 +33,9 @@ def main(config: str, out: str) -> None:
         erasure_input_ids=full.erasure_input_ids[xs],
         erasure_attention_mask=full.erasure_attention_mask[xs],
         erasure_languages=full.erasure_languages[xs],
+        passage_docids=full.passage_docids[ps],
+        query_positive_docids=full.query_positive_docids[qs],
+        query_keys=full.query_keys[qs],
     )
     metrics = tr.train_step(local)
     if r == 0:

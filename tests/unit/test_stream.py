@@ -207,6 +207,9 @@ def test_every_step_is_exactly_balanced_and_groups_are_whole(
                 n = q[1:].lstrip("0") or "0"
                 assert ids[0].startswith(f"p{n}-") and all(x.startswith(f"n{n}-") for x in ids[1:])
                 assert len(set(ids)) == 3
+                # every stored positive's docid travels with the query (false-negative masking)
+                assert b.query_positive_docids[g] == [f"p{n}-0", f"p{n}-1"]
+            assert len(b.query_positive_docids) == len(b.query_keys)
         # queries of one step are distinct across ranks (disjoint partitions)
         qs = [k for b in batches for k in b.query_keys]
         assert len(set(qs)) == len(qs)
