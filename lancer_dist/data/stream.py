@@ -24,7 +24,8 @@ Every (rank, loader worker) reads the global sequences itself and keeps its slic
 ``K = max(1, num_workers)`` builds the steps ``t = k (mod K)`` (the DataLoader hands batches out round-robin, so they
 arrive in step order); it walks over the other steps without tokenising. Reading (parsing tar members) is repeated
 by every reader, tokenisation (the costly part) is not: each rank tokenises only its slice. Memory is bounded by
-one shard plus the shuffle buffer per sub-stream and reader.
+one shard (one tar member for shards at a URL, streamed through webdataset) plus the shuffle buffer per sub-stream
+and reader.
 
 Why resume is exact, on any world size
 --------------------------------------
@@ -37,7 +38,8 @@ out, so :meth:`TrainStream.state_dict` describes exactly the batches consumed, n
 prefetched. Without a state, ``start_step=s`` replays from step 0 (slower, same result). Skip counters count each
 bad record once per epoch for the whole run (every reader sees the same sequence), not once per rank.
 
-Webdataset supplies the tar format, writing and member parsing (:mod:`lancer_dist.data.shards`); its pipeline
+Webdataset supplies the tar format, writing, opening URLs (``http(s)://``, ``file://``, ``pipe:``) and member
+parsing (:mod:`lancer_dist.data.shards`); its pipeline
 (``WebDataset(...).shuffle().with_epoch()``) is not used for the order because its shuffle and split state cannot be
 saved and its per-worker epoch counts do not give per-language exactness.
 """
@@ -61,7 +63,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from lancer_dist.config import ConfigError, RunConfig
 from lancer_dist.data.collate import Collator, passage_text
 from lancer_dist.data.errors import DataError, SkipCounter
-from lancer_dist.data.shards import Manifest, ShardInfo, check_group, check_passage, load_shard, read_manifest
+from lancer_dist.data.shards import (
+    Manifest,
+    ShardInfo,
+    check_group,
+    check_passage,
+    load_shard,
+    read_manifest,
+    stream_shard,
+)
 
 __all__ = ["StreamPlan", "SubStream", "TrainBatch", "TrainStream", "check_world_size", "erasure_layout"]
 
@@ -151,6 +161,10 @@ class _SubSpec:
     configured: frozenset[str] = frozenset()
 
 
+def _lang_of(rec: Any) -> Any:
+    return rec.get("lang") if isinstance(rec, dict) else None
+
+
 class SubStream:
     """One slot's infinite, deterministic record sequence of one sub-stream (see the module docstring).
 
@@ -220,12 +234,27 @@ class SubStream:
                 reason="too_few_negatives",
             )
 
-    def _check_languages(self, where: str, shard: ShardInfo, records: list[tuple[str, Any]]) -> None:
+    def _shard_records(self, where: str, shard: ShardInfo) -> Iterator[tuple[str, Any]]:
+        """A shard's records, checked against the manifest (:class:`DataError` when a check fails). Local shards
+        are read whole first (all checks before the first record); shards at a URL are streamed member by member
+        through webdataset (:func:`stream_shard`), the checksum, count and per-language checks coming at the end."""
+        m = self.spec.manifest
+        if not m.remote:
+            records = load_shard(m, shard)
+            self._check_languages(where, shard, Counter(_lang_of(r) for _, r in records))
+            yield from records
+            return
+        langs: Counter[Any] = Counter()
+        for key, rec in stream_shard(m, shard):
+            langs[_lang_of(rec)] += 1
+            yield key, rec
+        self._check_languages(where, shard, langs)
+
+    def _check_languages(self, where: str, shard: ShardInfo, langs: Counter[Any]) -> None:
         # Per-language counts are compared only when every record carries a known language; records with a bad
         # language are reported one by one instead (not twice).
         if self.spec.lang is None:
             return
-        langs = Counter(r.get("lang") if isinstance(r, dict) else None for _, r in records)
         all_known = all(isinstance(k, str) and k in self.known for k in langs)
         if all_known and dict(langs) != {k: v for k, v in shard.languages.items() if v}:
             raise DataError(
@@ -246,16 +275,18 @@ class SubStream:
         for shard in mine:
             where = f"{shard.name} (in {self.spec.manifest.root})"
             reports_shard = split or self.slot == 0
-            try:
-                records = load_shard(self.spec.manifest, shard)
-                self._check_languages(where, shard, records)
-            except DataError as e:
-                if not self.skip_bad:
-                    raise
-                if reports_shard:
-                    self.counter.skip(e, shard_level=True)
-                continue
-            for key, rec in records:
+            records = self._shard_records(where, shard)
+            while True:
+                try:
+                    key, rec = next(records)
+                except StopIteration:
+                    break
+                except DataError as e:
+                    if not self.skip_bad:
+                        raise
+                    if reports_shard:
+                        self.counter.skip(e, shard_level=True)
+                    break
                 if not self._attributed(shard, rec):
                     continue
                 if not split:
