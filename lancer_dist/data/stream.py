@@ -748,14 +748,24 @@ class TrainStream:
                 # asynchronous (non_blocking); batches are TrainBatch objects, whose pin_memory() the loader calls
                 pin_memory=pin,
             )
-        for batch, st in source:
-            if pin and not batch.query_input_ids.is_pinned():
-                batch = batch.pin_memory()
-            if batch.step != self._next_step:
-                raise RuntimeError(f"stream produced step {batch.step}, expected {self._next_step}")
-            self._state = st
-            self._next_step += 1
-            yield batch
+        it = iter(source)
+        try:
+            for batch, st in it:
+                if pin and not batch.query_input_ids.is_pinned():
+                    batch = batch.pin_memory()
+                if batch.step != self._next_step:
+                    raise RuntimeError(f"stream produced step {batch.step}, expected {self._next_step}")
+                self._state = st
+                self._next_step += 1
+                yield batch
+        finally:
+            # Stop the loader workers now, through the DataLoader's own shutdown (a message on their queue), also
+            # when a worker raised: the exception's traceback keeps the loader iterator alive, and at interpreter
+            # exit multiprocessing would SIGTERM the workers - which ignore SIGTERM (preemption handling) - and
+            # join them forever.
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def _global_state(self) -> dict[str, Any]:
         if self._state is not None and self._state["next_step"] == self._next_step:
