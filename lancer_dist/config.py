@@ -208,6 +208,9 @@ class LossConfig:
     erasure_chunk: int = 0
     # Gather passages from every rank as negatives for every query (cross-device negatives).
     gather_negatives: bool = True
+    # Mask false negatives: a passage whose docid is one of a query's positives (a duplicate in the batch, from any
+    # rank) is removed from that query's softmax. Not in the paper (false = the paper's loss); docs/training.md.
+    mask_false_negatives: bool = True
 
     def validate(self, p: str) -> None:
         _check(self.erasure_weight >= 0, f"{p}.erasure_weight", self.erasure_weight, "a number >= 0")

@@ -44,6 +44,7 @@ from torch import Tensor
 __all__ = [
     "ProcessGroupCollectives",
     "all_gather_object",
+    "all_gather_strings",
     "all_reduce_sum",
     "all_reduce_with_grad",
     "any_flag",
@@ -262,6 +263,15 @@ def all_gather_object(obj: object) -> list[object]:
     return out
 
 
+def all_gather_strings(xs: Sequence[str]) -> list[str]:
+    """Concatenate each rank's list of strings in rank order (document ids travelling with the passages that
+    :func:`gather_with_grad` gathers, in the same order). Exact: the strings themselves, not hashes."""
+    if not is_initialized() or get_world_size() == 1:
+        return list(xs)
+    parts = all_gather_object(list(xs))
+    return [str(s) for part in parts for s in part]  # type: ignore[attr-defined]
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     if not is_initialized() or get_world_size() == 1:
         return obj
@@ -289,6 +299,9 @@ class ProcessGroupCollectives:
 
     def sum_no_grad(self, x: Tensor) -> Tensor:
         return all_reduce_sum(x)
+
+    def gather_strings(self, xs: Sequence[str]) -> list[str]:
+        return all_gather_strings(xs)
 
 
 def mean_over_ranks(values: Sequence[float]) -> list[float]:

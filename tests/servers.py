@@ -37,6 +37,7 @@ from typing import Any
 import pytest
 
 __all__ = [
+    "FileHttpServer",
     "MlflowServer",
     "RayCluster",
     "SlurmCluster",
@@ -305,6 +306,64 @@ class MlflowServer:
         return self.start()
 
     def __enter__(self) -> MlflowServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A static file server (webdataset shards over http://)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class FileHttpServer:
+    """``python -m http.server`` serving ``directory`` on 127.0.0.1 (a separate process, started ~0.5 s).
+
+    ``.url`` is the base URL; ``.requests()`` the paths of the GET requests served so far (from its log), so a
+    test can tell that data really came over HTTP.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], log: str | os.PathLike[str], timeout: float = 30.0):
+        self.directory = Path(directory)
+        self.log = Path(log)
+        self.port = free_port()
+        self.timeout = timeout
+        self.proc: subprocess.Popen[Any] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> FileHttpServer:
+        cmd = [sys.executable, "-u", "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
+               "--directory", str(self.directory)]  # fmt: skip
+        self.proc = _start(cmd, self.log)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"http.server exited with {self.proc.returncode}:\n{_tail(self.log)}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"http.server not listening after {self.timeout} s:\n{_tail(self.log)}")
+
+    def requests(self) -> list[tuple[str, int]]:
+        """``(path, status)`` of every GET request logged so far."""
+        import re
+
+        pattern = re.compile(r'"GET (\S+) HTTP/[\d.]+" (\d+)')
+        return [(m[1], int(m[2])) for m in pattern.finditer(_tail(self.log, 10**8))]
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process_group(self.proc, timeout=5)
+            self.proc = None
+
+    def __enter__(self) -> FileHttpServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -482,6 +482,8 @@ def check_throughput(work: Path, data: Path, vocab: int, cpu: bool, steps: int) 
     batch = TrainBatch(
         0, ids(qn), ones(qn), ids(qn * g), ones(qn * g), ids(m), ones(m),
         torch.arange(m) % len(LANGS),
+        passage_docids=[f"d{i}" for i in range(qn * g)],  # unique ids: the false-negative mask is built, masks 0
+        query_positive_docids=[[f"d{i * g}"] for i in range(qn)],
     )  # fmt: skip
     tokens = seq * (qn + qn * g + m)
     os.environ.setdefault("WORLD_SIZE", "1")

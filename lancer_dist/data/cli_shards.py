@@ -56,6 +56,7 @@ def _groups(args: argparse.Namespace) -> int:
 
     opts = GroupOptions(
         split=args.split,
+        format=args.format,
         min_negatives=args.min_negatives,
         max_negatives=args.max_negatives,
         skip_bad=args.skip_bad,
@@ -97,7 +98,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="append",
         required=True,
         metavar="KIND:LOC",
-        help="jsonl:FILE, parquet:FILE, tsv:FILE or hf:HUB_ID_OR_SAVED_FOLDER (repeatable)",
+        help="jsonl:FILE, parquet:FILE, csv:FILE, tsv:FILE or hf:HUB_ID_OR_SAVED_FOLDER (repeatable)",
     )
     p.add_argument("--split", default="train", help="dataset split for hf: inputs")
     p.add_argument("--max-records-per-shard", type=int, default=10000)
@@ -129,11 +130,20 @@ def register(dsub: argparse._SubParsersAction) -> None:
 
     g = dsub.add_parser(
         "groups",
-        help="retrieval groups (Tevatron/msmarco-passage records) -> webdataset shards + manifest",
-        description="Records {query_id, query, positive_passages, negative_passages}; every stored negative is "
-        "kept (up to --max-negatives); the group size is chosen when training (data.retrieval.group_size).",
+        help="retrieval groups (Tevatron, FlagEmbedding, sentence-transformers, MS MARCO triples) -> shards",
+        description="--format tevatron: {query_id, query, positive_passages, negative_passages}; flagembedding: "
+        "{query, pos: [text], neg: [text]}; sentence-transformers: columns anchor, positive, negative... (by "
+        "order; jsonl:, csv:, parquet:, hf:); msmarco-triples: tsv: lines query<TAB>positive<TAB>negative. Every "
+        "stored negative is kept (up to --max-negatives); the group size is chosen when training "
+        "(data.retrieval.group_size). Formats without document ids get ids from the text (same text = same id).",
     )
     _common(g)
+    g.add_argument(
+        "--format",
+        default="tevatron",
+        choices=["tevatron", "flagembedding", "sentence-transformers", "msmarco-triples"],
+        help="how each input row maps to a group (default tevatron)",
+    )
     g.add_argument(
         "--min-negatives", type=int, default=0, help="drop (and count) groups with fewer negatives"
     )

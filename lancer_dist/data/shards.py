@@ -44,9 +44,11 @@ __all__ = [
     "ShardWriter",
     "check_group",
     "check_passage",
+    "is_url",
     "iter_shard",
     "load_shard",
     "read_manifest",
+    "stream_shard",
     "verify_shards",
 ]
 
@@ -57,6 +59,7 @@ _KINDS = ("passages", "groups")
 # Webdataset splits a member name at the first dot after the last slash, so keys cannot contain either.
 _BAD_KEY = re.compile(r"[./\\\x00\s]")
 _LANG = re.compile(r"^[A-Za-z0-9_-]+$")
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 # A group record without a "lang" field is counted under this code (ISO 639-2 "undetermined").
 UNDETERMINED = "und"
 
@@ -179,16 +182,31 @@ class Manifest:
     num_records: int
     source: dict[str, Any] = field(default_factory=dict)
     created: str = ""
-    # Directory holding the shards (not serialised; set by read_manifest / the writer).
-    root: Path | None = field(default=None, compare=False)
+    # Where the shards are (not serialised; set by read_manifest / the writer): a local directory, or a URL that
+    # webdataset opens (see :func:`is_url`, :meth:`shard_location`).
+    root: Path | str | None = field(default=None, compare=False)
 
     @property
     def languages(self) -> list[str]:
         return sorted(self.totals)
 
+    @property
+    def remote(self) -> bool:
+        """True when the shards are read through webdataset's opening (a URL root), not from a local directory."""
+        return isinstance(self.root, str)
+
     def shard_path(self, shard: ShardInfo | str) -> Path:
         name = shard.name if isinstance(shard, ShardInfo) else shard
+        if isinstance(self.root, str):
+            raise ValueError(f"shard {name} is at a URL ({self.root}), not a local path: use shard_location")
         return (self.root or Path(".")) / name
+
+    def shard_location(self, shard: ShardInfo | str) -> str:
+        """The path or URL the shard is opened from."""
+        name = shard.name if isinstance(shard, ShardInfo) else shard
+        if isinstance(self.root, str):
+            return _join_url(self.root, name)
+        return str(self.shard_path(name))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -247,9 +265,15 @@ class Manifest:
         totals: Counter[str] = Counter()
         names = set()
         for s in self.shards:
-            if s.name in names or "/" in s.name:
+            # Names are joined to the shard root, which may be a ``pipe:`` shell command: letters, digits, '.',
+            # '_' and '-' only, so a manifest can never inject a command (or a path outside its directory).
+            if s.name in names or not _SHARD_NAME.match(s.name):
                 raise DataError(
-                    where, None, "shards.name", f"duplicate or nested shard name {s.name!r}", "bad_manifest"
+                    where,
+                    None,
+                    "shards.name",
+                    f"duplicate shard name, or not [A-Za-z0-9._-] only: {s.name!r}",
+                    "bad_manifest",
                 )
             names.add(s.name)
             if sum(s.languages.values()) != s.num_records:
@@ -279,8 +303,65 @@ class Manifest:
             )
 
 
+# A URL webdataset opens (``http://``, ``https://``, ``file://``, ``pipe:CMD``, ``gs://``, ...) rather than a path.
+_URL = re.compile(r"^(pipe:|[a-z][a-z0-9+.-]*://)")
+
+
+def is_url(location: str | Path) -> bool:
+    """True for a location read through webdataset's ``gopen`` (``http(s)://``, ``file://``, ``pipe:``, ...)."""
+    return isinstance(location, str) and bool(_URL.match(location))
+
+
+def _join_url(root: str, name: str) -> str:
+    """``root`` with ``{}`` replaced by ``name`` (a template, e.g. ``pipe:aws s3 cp s3://b/dir/{} -``), else
+    ``root/name``."""
+    return root.replace("{}", name) if "{}" in root else root.rstrip("/") + "/" + name
+
+
+def _gopen(url: str) -> Any:
+    import webdataset as wds
+
+    return wds.gopen(url, "rb")
+
+
+def _read_url(url: str) -> bytes:
+    f = _gopen(url)
+    try:
+        data = f.read()
+    finally:
+        f.close()  # a pipe (curl for http) raises here when the command failed
+    return bytes(data)
+
+
+def _manifest_url(location: str) -> tuple[str, str]:
+    """(manifest URL, shard root) for a URL naming a shard directory, a ``{}`` template, or manifest.json."""
+    if "{}" in location:
+        return location.replace("{}", MANIFEST_NAME), location
+    if location.rstrip("/").endswith("/" + MANIFEST_NAME):
+        return location, location.rstrip("/")[: -len(MANIFEST_NAME) - 1]
+    return _join_url(location, MANIFEST_NAME), location.rstrip("/")
+
+
 def read_manifest(path: str | Path) -> Manifest:
-    """Read ``<dir>/manifest.json`` (or the given manifest file) and check its internal consistency."""
+    """Read ``<dir>/manifest.json`` (or the given manifest file) and check its internal consistency.
+
+    ``path`` may be a URL that webdataset opens (:func:`is_url`): a directory URL (``http://host/dir``,
+    ``file:///dir``), its ``manifest.json``, or a template with ``{}`` standing for the file name
+    (``pipe:curl -s http://host/dir/{}``, ``pipe:aws s3 cp s3://bucket/dir/{} -``). The shards are then read from
+    the same place (:func:`stream_shard`)."""
+    if is_url(path):
+        url, root = _manifest_url(str(path))
+        try:
+            raw = _read_url(url)
+        except Exception as e:  # curl / pipe / file errors: the cause is in the message
+            raise DataError(url, None, "manifest.json", f"cannot read the manifest ({e})", "missing") from e
+        try:
+            d = json.loads(raw.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(url, None, "<json>", f"not valid JSON ({e})", reason="bad_manifest") from e
+        m = Manifest.from_dict(d, where=url)
+        m.root = root
+        return m
     p = Path(path)
     if p.is_dir():
         p = p / MANIFEST_NAME
@@ -587,8 +668,11 @@ def load_shard(
     Checks, in order, each raising :class:`DataError` naming the shard: the file exists; the tar parses (a
     truncated tar names the last good key); the sha256 matches the manifest; the number of samples matches the
     manifest's ``num_records``. The whole shard is read into memory once (shards are ~10k records), which makes the
-    checksum and count checks exact before any record is used.
+    checksum and count checks exact before any record is used. A manifest read from a URL is read through
+    :func:`stream_shard` to the end, with the same checks before anything is returned.
     """
+    if manifest.remote:  # a URL: streamed through webdataset, every check done before anything is returned
+        return list(stream_shard(manifest, shard, verify_checksum=verify_checksum))
     path = manifest.shard_path(shard)
     where = f"{shard.name} (in {manifest.root})"
     try:
@@ -620,6 +704,87 @@ def load_shard(
             reason="manifest_mismatch",
         )
     return records
+
+
+class _HashingReader:
+    """A read-only stream that hashes and counts every byte read through it."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        self.sha.update(b)
+        self.size += len(b)
+        return bytes(b)
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def stream_shard(
+    manifest: Manifest, shard: ShardInfo, *, verify_checksum: bool = True
+) -> Iterator[tuple[str, Any]]:
+    """The ``(key, record)`` pairs of a shard, read member by member through webdataset's ``gopen`` and
+    ``tar_file_iterator`` (memory: one member), from a local path or any URL webdataset opens.
+
+    The same checks as :func:`load_shard`, each a :class:`DataError` naming the shard: the source opens and the
+    tar parses (a truncated tar names the last good key) while reading; the sha256 of every byte read and the
+    number of records against the manifest once the shard has been read to its end. Unlike :func:`load_shard`, a
+    shard that fails a check at its end has already yielded its records (the same ones on every read, so a
+    replay or resume sees the same sequence)."""
+    from webdataset.tariterators import tar_file_iterator
+
+    url = manifest.shard_location(shard)
+    where = f"{shard.name} (in {manifest.root})"
+    try:
+        f = _gopen(url)
+    except Exception as e:
+        raise DataError(where, None, "file", f"cannot open shard {url} ({e})", reason="missing_shard") from e
+    reader = _HashingReader(f)
+    count, last = 0, None
+    try:
+        it = tar_file_iterator(reader)
+        while True:
+            try:
+                member = next(it)
+            except StopIteration:
+                break
+            except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+                after = f" after record {last!r}" if last else " at the start"
+                raise DataError(
+                    where, last, "tar", f"corrupt or truncated tar{after}: {e}", reason="corrupt_tar"
+                ) from e
+            key, rec = _decode_member(where, member["fname"], member["data"], keep_bad=True)
+            count, last = count + 1, key
+            yield key, rec
+        reader.drain()  # the end-of-archive padding belongs to the checksum
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            f.close()
+        if isinstance(exc, DataError) and reader.size == 0:
+            raise DataError(
+                where, None, "file", f"cannot read shard {url} (no data)", "missing_shard"
+            ) from exc
+        raise
+    try:
+        f.close()
+    except Exception as e:  # the pipe's command failed (e.g. curl: HTTP 404 after a partial read)
+        raise DataError(where, last, "file", f"reading {url} failed ({e})", reason="missing_shard") from e
+    sha = reader.sha.hexdigest()
+    if verify_checksum and sha != shard.sha256:
+        raise DataError(
+            where, None, "sha256", f"{sha} differs from the manifest's {shard.sha256}", "checksum_mismatch"
+        )
+    if count != shard.num_records:
+        raise DataError(
+            where,
+            None,
+            "num_records",
+            f"the shard holds {count} records, the manifest says {shard.num_records}",
+            reason="manifest_mismatch",
+        )
 
 
 def verify_shards(manifest: Manifest) -> dict[str, int]:

@@ -2,7 +2,8 @@
 
 Inputs are ``KIND:LOCATION`` strings:
 
-* ``jsonl:<file>`` / ``parquet:<file>`` / ``tsv:<file>`` - one passage (or group) per line / row;
+* ``jsonl:<file>`` / ``parquet:<file>`` / ``tsv:<file>`` / ``csv:<file>`` (header row) - one passage (or group)
+  per line / row;
 * ``hf:<hub id or folder>`` - a Hugging Face dataset. A folder written by ``Dataset.save_to_disk`` is opened with
   ``datasets.load_from_disk``; otherwise ``datasets.load_dataset(id, <config>, split=..., streaming=True)``.
   For passages with ``languages`` given, each language is the dataset *config* (mC4 style: ``load_dataset("mc4",
@@ -22,24 +23,29 @@ import csv
 import hashlib
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lancer_dist.data.errors import DataError, decoded_lines
-from lancer_dist.data.shards import Manifest, ShardWriter, check_group
+from lancer_dist.data.shards import BadRecord, Manifest, ShardWriter, check_group
 
 __all__ = [
+    "GROUP_FORMATS",
     "GroupOptions",
     "PassageOptions",
+    "flagembedding_to_group",
     "iter_rows",
+    "msmarco_triple_to_group",
+    "sentence_transformers_to_group",
     "tevatron_to_group",
+    "text_docid",
     "write_group_shards",
     "write_passage_shards",
 ]
 
-INPUT_KINDS = ("jsonl", "parquet", "tsv", "hf")
+INPUT_KINDS = ("jsonl", "parquet", "tsv", "csv", "hf")
 
 
 def _split_input(spec: str) -> tuple[str, str]:
@@ -55,9 +61,12 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue
             try:
-                yield f"line {lineno}", json.loads(line)
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(path, f"line {lineno}", "<json>", f"not valid JSON ({e})", "bad_json") from e
+                obj = BadRecord(
+                    DataError(path, f"line {lineno}", "<json>", f"not valid JSON ({e})", "bad_json")
+                )
+            yield f"line {lineno}", obj
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
@@ -80,14 +89,43 @@ def _iter_tsv(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, Any]]:
             if not cells:
                 continue
             if len(cells) != len(columns):
-                raise DataError(
+                err = DataError(
                     path,
                     f"line {lineno}",
                     "<columns>",
                     f"{len(cells)} columns, expected {list(columns)}",
                     "bad_row",
                 )
+                yield f"line {lineno}", BadRecord(err)
+                continue
             yield f"line {lineno}", dict(zip(columns, cells))
+
+
+def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
+    """A CSV file with a header row: each row as a dict in column order (quoted fields may span lines; the label
+    is the line the row starts on)."""
+    with open(path, "rb") as f:
+        lines = (text for _, text in decoded_lines(f, path))
+        reader = csv.reader(lines)
+        header = next(reader, None)
+        if header is None:
+            return
+        start = reader.line_num + 1
+        for cells in reader:
+            lineno, start = start, reader.line_num + 1
+            if not cells:
+                continue
+            if len(cells) != len(header):
+                err = DataError(
+                    path,
+                    f"line {lineno}",
+                    "<columns>",
+                    f"{len(cells)} columns, header has {header}",
+                    "bad_row",
+                )
+                yield f"line {lineno}", BadRecord(err)
+                continue
+            yield f"line {lineno}", dict(zip(header, cells))
 
 
 def _load_hf(location: str, config: str | None, split: str) -> Iterable[Any]:
@@ -110,7 +148,10 @@ def _load_hf(location: str, config: str | None, split: str) -> Iterable[Any]:
 def iter_rows(
     spec: str, *, config: str | None = None, split: str = "train", tsv_columns: Sequence[str] = ("id", "text")
 ) -> Iterator[tuple[str, str, Any]]:
-    """``(where, row_label, row)`` for every row of an input ``KIND:LOCATION`` (see the module docstring)."""
+    """``(where, row_label, row)`` for every row of an input ``KIND:LOCATION`` (see the module docstring).
+
+    A line that is not JSON or has the wrong number of columns comes as a :class:`BadRecord` in its place (its
+    ``error`` names file, line and field), so a writer can count it and go on (``skip_bad``) or raise it."""
     kind, loc = _split_input(spec)
     if kind == "hf":
         where = f"{loc}" + (f" [{config}]" if config else "") + f" split {split}"
@@ -120,7 +161,7 @@ def iter_rows(
     path = Path(loc)
     if not path.is_file():
         raise DataError(path, None, "file", "no such file", "missing_file")
-    rows = {"jsonl": _iter_jsonl, "parquet": _iter_parquet}.get(kind)
+    rows = {"jsonl": _iter_jsonl, "parquet": _iter_parquet, "csv": _iter_csv}.get(kind)
     it = rows(path) if rows else _iter_tsv(path, tsv_columns)
     for label, row in it:
         yield str(path), label, row
@@ -190,8 +231,7 @@ def write_passage_shards(
                 ):
                     lang_default = config or opts.lang
                     try:
-                        if not isinstance(row, dict):
-                            raise DataError(where, label, "<row>", "not an object", "not_object")
+                        row = _object(row, where, label)
                         text = row.get(opts.text_field)
                         if not isinstance(text, str):
                             raise DataError(
@@ -247,13 +287,29 @@ def write_passage_shards(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Retrieval groups (Tevatron / msmarco-passage style)
+# Retrieval groups: Tevatron, FlagEmbedding, sentence-transformers, MS MARCO triples
 # --------------------------------------------------------------------------------------------------------------
+
+
+# The retrieval formats users bring (``lancer data groups --format``):
+# * ``tevatron``: ``{query_id, query, positive_passages: [{docid, title, text}], negative_passages: [...]}``;
+# * ``flagembedding``: FlagEmbedding's fine-tuning JSONL ``{query, pos: [text, ...], neg: [text, ...]}`` (extra
+#   keys such as ``pos_scores``, ``prompt``, ``type`` are ignored);
+# * ``sentence-transformers``: columns in order anchor, positive, negative, negative_2, ... (names free, order
+#   matters, as sentence-transformers reads them), from jsonl:, csv:, parquet: or hf:;
+# * ``msmarco-triples``: MS MARCO ``triples.train.*.tsv``: ``query<TAB>positive<TAB>negative``, no header, one
+#   group (1 positive, 1 negative) per line.
+# Formats without document ids get ``text_docid(text)`` (same text = same document), so false-negative masking
+# works on them too; a Tevatron passage without a docid keeps the empty id (never masked).
+GROUP_FORMATS = ("tevatron", "flagembedding", "sentence-transformers", "msmarco-triples")
+TRIPLE_COLUMNS = ("query", "positive", "negative")
 
 
 @dataclass
 class GroupOptions:
     split: str = "train"
+    # One of GROUP_FORMATS: how each input row maps to a group.
+    format: str = "tevatron"
     # Groups with fewer stored negatives are not written (counted); the reader's group size needs G - 1.
     min_negatives: int = 0
     # Store at most this many negatives per group (the first ones, as given); None = all.
@@ -262,11 +318,58 @@ class GroupOptions:
     max_records_per_shard: int = 10000
 
 
+def text_docid(text: str) -> str:
+    """A document id from the text (stripped): for formats that carry no ids."""
+    return "t:" + hashlib.blake2b(text.strip().encode("utf-8"), digest_size=16).hexdigest()
+
+
+def _checked(rec: dict[str, Any], where: str, label: str, field_name: Callable[[str], str]) -> dict[str, Any]:
+    """``check_group`` with errors naming the source's field (``field_name`` maps the shard's field label)."""
+    try:
+        check_group(where, label, rec)
+    except DataError as e:
+        raise DataError(where, label, field_name(e.field), e.message, e.reason) from None
+    return rec
+
+
+def _object(row: Any, where: str, label: str) -> dict[str, Any]:
+    if isinstance(row, BadRecord):  # not JSON, wrong number of columns
+        raise row.error
+    if not isinstance(row, dict):
+        raise DataError(where, label, "<row>", "not an object", "not_object")
+    return row
+
+
+def _present(row: dict[str, Any], name: str) -> dict[str, Any]:
+    """``{name: row[name]}`` when the row has it (an absent field is reported as ``missing``)."""
+    return {name: row[name]} if name in row else {}
+
+
+def _text_passages(items: Any, where: str, label: str, name: str, kind: str) -> list[dict[str, Any]]:
+    """A list of texts as passages with text ids; non-strings are errors naming ``name[i]``."""
+    if not isinstance(items, list):
+        raise DataError(where, label, name, "missing or not a list of strings", f"missing_{kind}")
+    out = []
+    for i, t in enumerate(items):
+        if not isinstance(t, str):
+            raise DataError(
+                where, label, f"{name}[{i}]", f"expected a string, got {type(t).__name__}", f"bad_{kind}"
+            )
+        out.append({"docid": text_docid(t), "text": t})
+    return out
+
+
+def _rename_lists(pos: str, neg: str) -> Callable[[str], str]:
+    def rename(fld: str) -> str:
+        return fld.replace("positives", pos).replace("negatives", neg)
+
+    return rename
+
+
 def tevatron_to_group(row: Any, where: str, label: str) -> dict[str, Any]:
     """A Tevatron record ``{query_id, query, positive_passages, negative_passages}`` (each passage ``{docid,
     title, text}``) as a group record ``{query_id, query, positives, negatives}``; :class:`DataError` if malformed."""
-    if not isinstance(row, dict):
-        raise DataError(where, label, "<row>", "not an object", "not_object")
+    row = _object(row, where, label)
 
     def passages(name: str) -> Any:
         items = row.get(name)
@@ -282,24 +385,93 @@ def tevatron_to_group(row: Any, where: str, label: str) -> dict[str, Any]:
 
     rec = {
         "query_id": str(row.get("query_id", "")),
-        "query": row.get("query"),
+        **_present(row, "query"),
         "positives": passages("positive_passages"),
         "negatives": passages("negative_passages"),
     }
-    try:
-        check_group(where, label, rec)
-    except DataError as e:  # name the source's field, not the shard's
-        fld = e.field.replace("positives", "positive_passages").replace("negatives", "negative_passages")
-        raise DataError(where, label, fld, e.message, e.reason) from None
-    return rec
+    return _checked(rec, where, label, _rename_lists("positive_passages", "negative_passages"))
+
+
+def flagembedding_to_group(row: Any, where: str, label: str) -> dict[str, Any]:
+    """A FlagEmbedding record ``{query, pos: [text], neg: [text]}`` as a group record (text ids)."""
+    row = _object(row, where, label)
+    rec = {
+        **_present(row, "query"),
+        "positives": _text_passages(row.get("pos"), where, label, "pos", "positives"),
+        "negatives": _text_passages(row.get("neg"), where, label, "neg", "negatives"),
+    }
+    return _checked(rec, where, label, _rename_lists("pos", "neg"))
+
+
+def sentence_transformers_to_group(row: Any, where: str, label: str) -> dict[str, Any]:
+    """A sentence-transformers row (anchor, positive, negatives... by column order) as a group record."""
+    row = _object(row, where, label)
+    cols = list(row)
+    if len(cols) < 2:
+        raise DataError(
+            where, label, "<columns>", f"columns {cols}: expected anchor, positive[, negative...]", "bad_row"
+        )
+    for c in cols:
+        if not isinstance(row[c], str):
+            raise DataError(where, label, c, f"expected a string, got {type(row[c]).__name__}", "bad_column")
+    rec = {
+        "query": row[cols[0]],
+        "positives": [{"docid": text_docid(row[cols[1]]), "text": row[cols[1]]}],
+        "negatives": [{"docid": text_docid(row[c]), "text": row[c]} for c in cols[2:]],
+    }
+
+    def column(
+        fld: str,
+    ) -> str:  # "positives[0].text" -> the positive column, "negatives[i]..." -> its column
+        head = fld.split(".", 1)[0]
+        if head == "query":
+            return cols[0]
+        if head.startswith("positives"):
+            return cols[1]
+        if head.startswith("negatives[") and head.endswith("]"):
+            return cols[2 + int(head[len("negatives[") : -1])]
+        return fld
+
+    return _checked(rec, where, label, column)
+
+
+def _triple_column(fld: str) -> str:
+    head = fld.split("[", 1)[0]
+    return {"positives": "positive", "negatives": "negative"}.get(head, fld)
+
+
+def msmarco_triple_to_group(row: Any, where: str, label: str) -> dict[str, Any]:
+    """An MS MARCO triple ``{query, positive, negative}`` (a ``triples.train`` tsv line) as a group record."""
+    row = _object(row, where, label)
+    for c in TRIPLE_COLUMNS:
+        if not isinstance(row.get(c), str):
+            raise DataError(where, label, c, "missing or not a string", f"missing_{c}")
+    rec = {
+        "query": row["query"],
+        "positives": [{"docid": text_docid(row["positive"]), "text": row["positive"]}],
+        "negatives": [{"docid": text_docid(row["negative"]), "text": row["negative"]}],
+    }
+    return _checked(rec, where, label, _triple_column)
+
+
+_CONVERTERS = {
+    "tevatron": tevatron_to_group,
+    "flagembedding": flagembedding_to_group,
+    "sentence-transformers": sentence_transformers_to_group,
+    "msmarco-triples": msmarco_triple_to_group,
+}
 
 
 def write_group_shards(
     inputs: Sequence[str], out_dir: str | Path, opts: GroupOptions, *, overwrite: bool = False
 ) -> tuple[Manifest, dict[str, Any]]:
-    """Write retrieval-group shards from Tevatron-style ``inputs`` (``jsonl:`` / ``parquet:`` / ``hf:``)."""
+    """Write retrieval-group shards from ``inputs`` in ``opts.format`` (see GROUP_FORMATS): ``jsonl:`` /
+    ``parquet:`` / ``csv:`` / ``hf:``, and ``tsv:`` for MS MARCO triples."""
     if not inputs:
         raise ValueError("no inputs given")
+    if opts.format not in _CONVERTERS:
+        raise ValueError(f"group format {opts.format!r}: expected one of {', '.join(GROUP_FORMATS)}")
+    convert = _CONVERTERS[opts.format]
     written = 0
     filtered: Counter[str] = Counter()
     bad: Counter[str] = Counter()
@@ -312,11 +484,14 @@ def write_group_shards(
         overwrite=overwrite,
     ) as writer:
         for spec in inputs:
-            if spec.startswith("tsv:"):
-                raise ValueError(f"input {spec!r}: groups are read from jsonl:, parquet: or hf: inputs")
-            for where, label, row in iter_rows(spec, split=opts.split):
+            if spec.startswith("tsv:") and opts.format != "msmarco-triples":
+                raise ValueError(
+                    f"input {spec!r}: tsv: inputs are MS MARCO triples (--format msmarco-triples); "
+                    f"{opts.format} groups are read from jsonl:, parquet:, csv: or hf: inputs"
+                )
+            for where, label, row in iter_rows(spec, split=opts.split, tsv_columns=TRIPLE_COLUMNS):
                 try:
-                    rec = tevatron_to_group(row, where, label)
+                    rec = convert(row, where, label)
                 except DataError as e:
                     if not opts.skip_bad:
                         raise

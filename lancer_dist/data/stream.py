@@ -24,7 +24,8 @@ Every (rank, loader worker) reads the global sequences itself and keeps its slic
 ``K = max(1, num_workers)`` builds the steps ``t = k (mod K)`` (the DataLoader hands batches out round-robin, so they
 arrive in step order); it walks over the other steps without tokenising. Reading (parsing tar members) is repeated
 by every reader, tokenisation (the costly part) is not: each rank tokenises only its slice. Memory is bounded by
-one shard plus the shuffle buffer per sub-stream and reader.
+one shard (one tar member for shards at a URL, streamed through webdataset) plus the shuffle buffer per sub-stream
+and reader.
 
 Why resume is exact, on any world size
 --------------------------------------
@@ -37,7 +38,8 @@ out, so :meth:`TrainStream.state_dict` describes exactly the batches consumed, n
 prefetched. Without a state, ``start_step=s`` replays from step 0 (slower, same result). Skip counters count each
 bad record once per epoch for the whole run (every reader sees the same sequence), not once per rank.
 
-Webdataset supplies the tar format, writing and member parsing (:mod:`lancer_dist.data.shards`); its pipeline
+Webdataset supplies the tar format, writing, opening URLs (``http(s)://``, ``file://``, ``pipe:``) and member
+parsing (:mod:`lancer_dist.data.shards`); its pipeline
 (``WebDataset(...).shuffle().with_epoch()``) is not used for the order because its shuffle and split state cannot be
 saved and its per-worker epoch counts do not give per-language exactness.
 """
@@ -61,7 +63,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from lancer_dist.config import ConfigError, RunConfig
 from lancer_dist.data.collate import Collator, passage_text
 from lancer_dist.data.errors import DataError, SkipCounter
-from lancer_dist.data.shards import Manifest, ShardInfo, check_group, check_passage, load_shard, read_manifest
+from lancer_dist.data.shards import (
+    Manifest,
+    ShardInfo,
+    check_group,
+    check_passage,
+    load_shard,
+    read_manifest,
+    stream_shard,
+)
 
 __all__ = ["StreamPlan", "SubStream", "TrainBatch", "TrainStream", "check_world_size", "erasure_layout"]
 
@@ -101,10 +111,13 @@ class TrainBatch:
     erasure_input_ids: Tensor  # [M_r, Tp]
     erasure_attention_mask: Tensor  # [M_r, Tp]
     erasure_languages: Tensor  # [M_r] long ids into TrainStream.languages
-    # Provenance (for tests, debugging and duplicate checks): shard keys / docids in tensor row order.
+    # Shard keys / docids in tensor row order: provenance, and the document ids of false-negative masking
+    # (``loss.mask_false_negatives``); "" = a passage stored without an id (never masked).
     query_keys: list[str] = field(default_factory=list)
     passage_docids: list[str] = field(default_factory=list)
     erasure_keys: list[str] = field(default_factory=list)
+    # [B_r] every stored positive's docid of each query's group (not only the one sampled into the batch).
+    query_positive_docids: list[list[str]] = field(default_factory=list)
 
     def shard(self, rank: int, world_size: int) -> TrainBatch:
         """Rank ``rank``'s share of this batch when it holds a whole global step: a contiguous block of queries (with
@@ -130,6 +143,7 @@ class TrainBatch:
             **tensors,
             query_keys=self.query_keys[qs],
             passage_docids=self.passage_docids[ps],
+            query_positive_docids=self.query_positive_docids[qs],
             erasure_keys=self.erasure_keys[xs],
         )
 
@@ -173,6 +187,10 @@ class _SubSpec:
     # erasure: for each shard, the configured language that owns (counts) its records with a bad/unknown language
     owner: dict[str, str] = field(default_factory=dict)
     configured: frozenset[str] = frozenset()
+
+
+def _lang_of(rec: Any) -> Any:
+    return rec.get("lang") if isinstance(rec, dict) else None
 
 
 class SubStream:
@@ -244,12 +262,27 @@ class SubStream:
                 reason="too_few_negatives",
             )
 
-    def _check_languages(self, where: str, shard: ShardInfo, records: list[tuple[str, Any]]) -> None:
+    def _shard_records(self, where: str, shard: ShardInfo) -> Iterator[tuple[str, Any]]:
+        """A shard's records, checked against the manifest (:class:`DataError` when a check fails). Local shards
+        are read whole first (all checks before the first record); shards at a URL are streamed member by member
+        through webdataset (:func:`stream_shard`), the checksum, count and per-language checks coming at the end."""
+        m = self.spec.manifest
+        if not m.remote:
+            records = load_shard(m, shard)
+            self._check_languages(where, shard, Counter(_lang_of(r) for _, r in records))
+            yield from records
+            return
+        langs: Counter[Any] = Counter()
+        for key, rec in stream_shard(m, shard):
+            langs[_lang_of(rec)] += 1
+            yield key, rec
+        self._check_languages(where, shard, langs)
+
+    def _check_languages(self, where: str, shard: ShardInfo, langs: Counter[Any]) -> None:
         # Per-language counts are compared only when every record carries a known language; records with a bad
         # language are reported one by one instead (not twice).
         if self.spec.lang is None:
             return
-        langs = Counter(r.get("lang") if isinstance(r, dict) else None for _, r in records)
         all_known = all(isinstance(k, str) and k in self.known for k in langs)
         if all_known and dict(langs) != {k: v for k, v in shard.languages.items() if v}:
             raise DataError(
@@ -270,16 +303,18 @@ class SubStream:
         for shard in mine:
             where = f"{shard.name} (in {self.spec.manifest.root})"
             reports_shard = split or self.slot == 0
-            try:
-                records = load_shard(self.spec.manifest, shard)
-                self._check_languages(where, shard, records)
-            except DataError as e:
-                if not self.skip_bad:
-                    raise
-                if reports_shard:
-                    self.counter.skip(e, shard_level=True)
-                continue
-            for key, rec in records:
+            records = self._shard_records(where, shard)
+            while True:
+                try:
+                    key, rec = next(records)
+                except StopIteration:
+                    break
+                except DataError as e:
+                    if not self.skip_bad:
+                        raise
+                    if reports_shard:
+                        self.counter.skip(e, shard_level=True)
+                    break
                 if not self._attributed(shard, rec):
                     continue
                 if not split:
@@ -486,6 +521,7 @@ class _GlobalReader:
             "q_texts": [],
             "p_ids": [],
             "p_texts": [],
+            "q_pos_ids": [],
         }
         for j in mine:
             out["e_keys"].append(e_rows[j][0])
@@ -499,6 +535,7 @@ class _GlobalReader:
                 out["q_keys"].append(key)
                 if materialise:
                     out["q_texts"].append(rec["query"])
+                    out["q_pos_ids"].append([p["docid"] for p in rec["positives"]])
                     for p in self._group(key, rec, epoch):
                         out["p_ids"].append(p["docid"])
                         out["p_texts"].append(passage_text(p))
@@ -528,6 +565,7 @@ class _GlobalReader:
             erasure_languages=torch.tensor(self.plan.layout, dtype=torch.long),
             query_keys=raw["q_keys"],
             passage_docids=raw["p_ids"],
+            query_positive_docids=raw["q_pos_ids"],
             erasure_keys=raw["e_keys"],
         )
 
@@ -738,14 +776,24 @@ class TrainStream:
                 # asynchronous (non_blocking); batches are TrainBatch objects, whose pin_memory() the loader calls
                 pin_memory=pin,
             )
-        for batch, st in source:
-            if pin and not batch.query_input_ids.is_pinned():
-                batch = batch.pin_memory()
-            if batch.step != self._next_step:
-                raise RuntimeError(f"stream produced step {batch.step}, expected {self._next_step}")
-            self._state = st
-            self._next_step += 1
-            yield batch
+        it = iter(source)
+        try:
+            for batch, st in it:
+                if pin and not batch.query_input_ids.is_pinned():
+                    batch = batch.pin_memory()
+                if batch.step != self._next_step:
+                    raise RuntimeError(f"stream produced step {batch.step}, expected {self._next_step}")
+                self._state = st
+                self._next_step += 1
+                yield batch
+        finally:
+            # Stop the loader workers now, through the DataLoader's own shutdown (a message on their queue), also
+            # when a worker raised: the exception's traceback keeps the loader iterator alive, and at interpreter
+            # exit multiprocessing would SIGTERM the workers - which ignore SIGTERM (preemption handling) - and
+            # join them forever.
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def _global_state(self) -> dict[str, Any]:
         if self._state is not None and self._state["next_step"] == self._next_step:

@@ -248,9 +248,11 @@ class Trainer:
 
     # ---- the step ------------------------------------------------------------------------------------------
 
-    def _loss(self, q: Tensor, p: Tensor, x: Tensor, langs: Tensor) -> LossOutput:
+    def _loss(self, q: Tensor, p: Tensor, x: Tensor, b: Any) -> LossOutput:
         c = self.cfg
         dt = self.loss_dtype
+        langs = b.erasure_languages
+        mask = c.loss.mask_false_negatives
         return lancer_loss(
             q.to(dt),
             p.to(dt),
@@ -264,6 +266,8 @@ class Trainer:
             erasure_form=c.loss.erasure_form,
             gather_negatives=c.loss.gather_negatives,
             collectives=self.collectives,
+            passage_doc_ids=b.passage_docids if mask else None,
+            query_positive_ids=b.query_positive_docids if mask else None,
         )
 
     def _forward_backward(self, b: Any) -> LossOutput:
@@ -275,7 +279,7 @@ class Trainer:
             b.erasure_input_ids,
             b.erasure_attention_mask,
         )
-        out = self._loss(qe, pe, xe, b.erasure_languages)
+        out = self._loss(qe, pe, xe, b)
         self.accelerator.backward(out.loss)
         return out
 
@@ -309,7 +313,7 @@ class Trainer:
                 )
         leaves = [e.detach().to(self.loss_dtype).requires_grad_(True) for e in embs]
         q_l, p_l, x_l = leaves
-        out = self._loss(q_l, p_l, x_l, b.erasure_languages)
+        out = self._loss(q_l, p_l, x_l, b)
         out.loss.backward()
         grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
         work = [
@@ -367,7 +371,7 @@ class Trainer:
             b.query_input_ids, b.query_attention_mask, b.passage_input_ids, b.passage_attention_mask
         )
         empty = torch.zeros(0, 1, dtype=self.loss_dtype, device=self.device)
-        out = self._loss(qe, pe, empty, b.erasure_languages[:0])
+        out = self._loss(qe, pe, empty, b)
         self.accelerator.backward(out.loss)
         lc = terms.loss.to(out.retrieval.dtype)
         return LossOutput(
@@ -379,6 +383,8 @@ class Trainer:
             num_passages=out.num_passages,
             erasure_abs=float(terms.mean_abs),
             erasure_floor=terms.floor,
+            negatives_masked=out.negatives_masked,
+            passages_without_docid=out.passages_without_docid,
         )
 
     def train_step(self, b: Any) -> dict[str, float]:
@@ -431,6 +437,10 @@ class Trainer:
             "step_time_s": dt,
             "peak_memory_mb": _peak_memory_mb(),
             "negatives_per_query": float(out.num_passages - 1),
+            # global (query, passage) pairs removed from the softmax as false negatives, and passages without a
+            # docid (never masked); 0 and -1 with loss.mask_false_negatives off
+            "negatives_masked": float(out.negatives_masked),
+            "passages_without_docid": float(out.passages_without_docid),
         }
 
     # ---- the probe -----------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def main(config: str, out: str, sabotage: str = "") -> None:
         key: torch.cat([_encode_chunk(ref, ids[sl], mask[sl], is_q) for sl in _chunks(ids.shape[0], chunk)])
         for key, ids, mask, is_q, chunk in inputs
     }
-    ref_out = tr._loss(embs["q"], embs["p"], embs["x"], b.erasure_languages)
+    ref_out = tr._loss(embs["q"], embs["p"], embs["x"], b)
     ref_out.loss.backward()
     for p in ref.parameters():
         if p.grad is not None:

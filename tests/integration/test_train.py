@@ -57,6 +57,8 @@ def test_ddp_two_ranks_equal_one_process_after_one_step(tmp_path, bible_data, e5
     for k in ("loss/total", "loss/retrieval", "loss/erasure", "grad_norm"):
         assert m2[k] == pytest.approx(m1[k], abs=1e-10), k
     assert m1["loss/erasure"] > 0.01 and m1["negatives_per_query"] == m2["negatives_per_query"] == 7
+    # false-negative masking (on by default): the same global count whichever way the batch is split
+    assert m1["negatives_masked"] == m2["negatives_masked"] and m1["passages_without_docid"] == 0
     diff = _max_diff(p1, p2)
     print(f"float64 DDP(2) vs 1 process, max |param diff| after one AdamW step: {diff:.2e}")
     assert diff <= 1e-10

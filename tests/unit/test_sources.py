@@ -116,6 +116,11 @@ def test_bad_rows_error_or_counted(tmp_path: Path) -> None:
     f.write_text('{"text": "ok", "lang": "en"}\nnot json\n')
     with pytest.raises(DataError, match=r"line 2.*<json>"):
         write_passage_shards([f"jsonl:{f}"], tmp_path / "o", PassageOptions(), overwrite=True)
+    # a line that is not JSON is one bad record: counted with --skip-bad, the rest is read
+    _, counts = write_passage_shards(
+        [f"jsonl:{f}"], tmp_path / "o", PassageOptions(skip_bad=True), overwrite=True
+    )
+    assert counts == {"written": {"en": 1}, "filtered": {}, "bad": {"bad_json": 1}}
 
 
 def _tevatron(i: int, n_neg: int) -> dict:

@@ -208,6 +208,9 @@ def test_every_step_is_exactly_balanced_and_groups_are_whole(
                 n = q[1:].lstrip("0") or "0"
                 assert ids[0].startswith(f"p{n}-") and all(x.startswith(f"n{n}-") for x in ids[1:])
                 assert len(set(ids)) == 3
+                # every stored positive's docid travels with the query (false-negative masking)
+                assert b.query_positive_docids[g] == [f"p{n}-0", f"p{n}-1"]
+            assert len(b.query_positive_docids) == len(b.query_keys)
         # queries of one step are distinct across ranks (disjoint partitions)
         qs = [k for b in batches for k in b.query_keys]
         assert len(set(qs)) == len(qs)
@@ -324,13 +327,20 @@ def _unpadded(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
 def _global_view(batches: list[TrainBatch]) -> dict[str, Any]:
     """One global step from its per-rank slices, concatenated in rank order (padding removed: each rank pads to
     its own longest row)."""
-    cat: dict[str, Any] = {"erasure_keys": [], "query_keys": [], "passage_docids": [], "langs": []}
+    cat: dict[str, Any] = {
+        "erasure_keys": [],
+        "query_keys": [],
+        "passage_docids": [],
+        "positives": [],
+        "langs": [],
+    }
     for f in ("query", "passage", "erasure"):
         cat[f] = []
     for b in batches:
         cat["erasure_keys"] += b.erasure_keys
         cat["query_keys"] += b.query_keys
         cat["passage_docids"] += b.passage_docids
+        cat["positives"] += b.query_positive_docids
         cat["langs"] += b.erasure_languages.tolist()
         for f in ("query", "passage", "erasure"):
             cat[f] += _unpadded(getattr(b, f + "_input_ids"), getattr(b, f + "_attention_mask"))

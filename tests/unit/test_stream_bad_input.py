@@ -188,3 +188,47 @@ def test_skipped_small_groups_are_counted(tmp_path: Path, tok: Any) -> None:
     assert all("q000" not in b.query_keys and len(b.passage_docids) == 16 for b in batches)
     epochs = st.state_dict()["streams"]["retrieval"]["epoch"] + 1
     assert st.stats == {"bad_records": epochs, "bad_records.too_few_negatives": epochs}
+
+
+_EXIT_PROGRAM = """
+import sys
+from pathlib import Path
+from lancer_dist.data.stream import TrainStream
+from tests.unit.test_stream import make_cfg, make_tokenizer
+
+cfg = make_cfg(Path(sys.argv[1]), **{"data.num_workers": 2})
+try:
+    list(TrainStream(cfg, make_tokenizer(), rank=0, world_size=1))
+except Exception as e:
+    KEPT = e  # the traceback (and the loader iterator in its frames) stays alive until exit, as under pytest
+    print("raised", type(e).__name__, flush=True)
+"""
+
+
+def test_a_worker_error_does_not_leave_the_process_hanging_at_exit(tmp_path: Path) -> None:
+    """The loader workers ignore SIGTERM (preemption handling); a DataError raised in one must still let the
+    process exit: TrainStream shuts its workers down itself (else multiprocessing's exit handler SIGTERMs and
+    joins them forever, and `lancer train` on bad data would hang instead of exiting 1)."""
+    import os
+    import subprocess
+    import sys
+
+    make_cfg(tmp_path)
+    plant(tmp_path / "erasure", "missing_text")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _EXIT_PROGRAM, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        from tests.servers import stop_process_group
+
+        stop_process_group(proc, timeout=2, sig=9)
+        pytest.fail("the process did not exit within 60 s after a loader worker raised")
+    assert proc.returncode == 0, out.decode()
+    assert b"raised DataError" in out or b"raised RuntimeError" in out, out.decode()
