@@ -39,7 +39,9 @@ class _NoBar:
     def close(self) -> None: ...
 
 
-def progress(desc: str, unit: str, total: int, initial: int = 0, enabled: bool = True) -> Any:
+def progress(
+    desc: str, unit: str, total: int, initial: int = 0, enabled: bool = True, unit_scale: bool = False
+) -> Any:
     """A tqdm bar on stderr (or a no-op with the same methods when ``enabled`` is false, e.g. on ranks > 0)."""
     if not enabled:
         return _NoBar()

@@ -125,6 +125,7 @@ def fit_language_probe(
             scoring="neg_log_loss",
             max_iter=max_iter,
             random_state=seed,
+            **_new_attributes(),
         ),
     )
     clf.fit(x_tr, ytr)
@@ -169,3 +170,14 @@ def population_erasure(x: np.ndarray, labels: Sequence[Any]) -> dict[str, float]
         "erasure_floor": terms.floor,
         "erasure_over_floor": abs_ / terms.floor if terms.floor > 0 else float("nan"),
     }
+
+
+def _new_attributes() -> dict[str, Any]:
+    """``use_legacy_attributes=False`` where scikit-learn has it (1.8+; it warns on every fit otherwise); ``C_`` is
+    read so that both layouts work."""
+    import inspect
+
+    from sklearn.linear_model import LogisticRegressionCV
+
+    params = inspect.signature(LogisticRegressionCV).parameters
+    return {"use_legacy_attributes": False} if "use_legacy_attributes" in params else {}

@@ -195,7 +195,9 @@ def encode_corpus_local(
     out, plans, manifest, todo = _prepare(spec, corpus_path, out_dir, shard_size, dtype)
     enc = encoder if encoder is not None else load_encoder(spec)
     done_before = sum(p.count for p in plans) - sum(p.count for p in todo)
-    with fileio.progress("encode", "passage", manifest["num_passages"], done_before, progress) as bar:
+    with fileio.progress(
+        "encode", "passage", manifest["num_passages"], done_before, progress, unit_scale=True
+    ) as bar:
         for p in todo:
             res = encode_shard(enc, p, out, dtype, batch_size)
             manifest["shards"][p.index]["attempts"] += 1
@@ -334,7 +336,9 @@ class EncoderPool:
         for slot in list(self.actors):
             submit(slot)
         done_before = manifest["num_passages"] - sum(p.count for p in todo)
-        with fileio.progress("encode", "passage", manifest["num_passages"], done_before, progress) as bar:
+        with fileio.progress(
+            "encode", "passage", manifest["num_passages"], done_before, progress, unit_scale=True
+        ) as bar:
             while refs:
                 ready, _ = ray.wait(list(refs), num_returns=1)
                 slot, plan = refs.pop(ready[0])
