@@ -194,3 +194,47 @@ def test_bad_options_name_the_field():
         MineOptions(rank_min=10, rank_max=5)
     with pytest.raises(ValueError, match="num_negatives"):
         MineOptions(num_negatives=0)
+
+
+def test_cli_without_ray_writes_the_reference_groups(coll, tmp_path, capsys):
+    from lancer_dist.cli import main
+
+    # The CLI builds its EncoderSpec from the config (no prefixes by default): the reference is mined likewise.
+    spec = EncoderSpec(str(coll["spec"].path), query_prefix="", passage_prefix="")
+    args = [
+        "--rank-min",
+        "3",
+        "--rank-max",
+        "25",
+        "--margin",
+        "0.0",
+        "--num-negatives",
+        "0",
+        "--min-negatives",
+        "0",
+    ]
+    base = ["data", "mine", "--out", str(tmp_path / "cli"), "--collection", str(coll["root"] / "coll")]
+    rc = main([*base, "--model", str(coll["spec"].path), "--split", "train", "--no-ray", *args])
+    assert rc == 0, capsys.readouterr().err
+    opts = MineOptions(rank_min=3, rank_max=25, margin=0.0, num_negatives=None, min_negatives=0)
+    ref = mine_hard_negatives(spec, coll["root"] / "coll", tmp_path / "lib", opts)
+    got, want = _groups(tmp_path / "cli"), _groups(tmp_path / "lib")
+    assert got == want and ref.counts["negatives"] > 0
+    # refuses to overwrite without --overwrite, before encoding anything
+    assert (
+        main(
+            [
+                "data",
+                "mine",
+                "--out",
+                str(tmp_path / "cli"),
+                "--collection",
+                str(coll["root"] / "coll"),
+                "--model",
+                str(coll["spec"].path),
+                "--no-ray",
+            ]
+        )
+        == 1
+    )
+    assert "already holds manifest.json" in capsys.readouterr().err
