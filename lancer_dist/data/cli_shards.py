@@ -42,6 +42,8 @@ def _passages(args: argparse.Namespace) -> int:
         max_chars=args.max_chars,
         dedup=not args.no_dedup,
         max_per_language=args.max_per_language,
+        sample=args.sample,
+        seed=args.seed,
         skip_bad=args.skip_bad,
         max_records_per_shard=args.max_records_per_shard,
     )
@@ -98,7 +100,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="append",
         required=True,
         metavar="KIND:LOC",
-        help="jsonl:FILE, parquet:FILE, csv:FILE, tsv:FILE or hf:HUB_ID_OR_SAVED_FOLDER (repeatable)",
+        help="jsonl:FILE, parquet:FILE, csv:FILE, tsv:FILE, c4:DIR (allenai/c4 multilingual/*.json.gz) or "
+        "hf:HUB_ID_OR_SAVED_FOLDER (repeatable)",
     )
     p.add_argument("--split", default="train", help="dataset split for hf: inputs")
     p.add_argument("--max-records-per-shard", type=int, default=10000)
@@ -125,6 +128,13 @@ def register(dsub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-chars", type=int, default=1)
     p.add_argument("--max-chars", type=int, default=None)
     p.add_argument("--max-per-language", type=int, default=None)
+    p.add_argument(
+        "--sample",
+        choices=["head", "reservoir"],
+        default="head",
+        help="how --max-per-language picks: the first ones (head) or a seeded uniform sample of the stream",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample reservoir")
     p.add_argument("--no-dedup", action="store_true", help="keep exact duplicate texts")
     p.set_defaults(func=_passages)
 

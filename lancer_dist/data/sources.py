@@ -4,6 +4,10 @@ Inputs are ``KIND:LOCATION`` strings:
 
 * ``jsonl:<file>`` / ``parquet:<file>`` / ``tsv:<file>`` / ``csv:<file>`` (header row) - one passage (or group)
   per line / row;
+* ``c4:<dir>`` - local files of ``allenai/c4``'s multilingual layout: ``<dir>/multilingual/c4-<lang>.tfrecord-
+  XXXXX-of-YYYYY.json.gz`` (``<dir>`` may also be the ``multilingual`` folder itself; the validation split is
+  ``c4-<lang>-validation.tfrecord-...``), gzipped JSON lines ``{"text", "timestamp", "url"}``, streamed file by file
+  and line by line, the language taken from the file name;
 * ``hf:<hub id or folder>`` - a Hugging Face dataset. A folder written by ``Dataset.save_to_disk`` is opened with
   ``datasets.load_from_disk``; otherwise ``datasets.load_dataset(id, <config>, split=..., streaming=True)``.
   For passages with ``languages`` given, each language is the dataset *config* (mC4 style: ``load_dataset("mc4",
@@ -12,16 +16,22 @@ Inputs are ``KIND:LOCATION`` strings:
 
 Passage writing applies, in order: a bad-record check (missing/non-string text or language: an error naming file,
 row and field, or with ``skip_bad`` counted), the language filter, ``empty`` text, the length filter
-(``min_chars``/``max_chars`` on the stripped text), exact-duplicate removal (per language, on the stripped text) and
-the per-language cap. Every record that is not written is counted under one reason; the counts are returned, printed
+(``min_chars``/``max_chars`` on the stripped text), exact-duplicate removal (per language, on a 128-bit hash of the
+stripped text) and the per-language cap: ``sample="head"`` keeps the first ``max_per_language`` (and stops streaming a
+per-language source there), ``sample="reservoir"`` keeps a uniform random sample of that size of every passage that
+passed the filters (Algorithm R, seeded; the whole stream is read, memory is the cap), written in stream order. Every record that is not written is counted under one reason; the counts are returned, printed
 by the CLI, and stored in the manifest's ``source``.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import json
+import random
+import re
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,7 +55,7 @@ __all__ = [
     "write_passage_shards",
 ]
 
-INPUT_KINDS = ("jsonl", "parquet", "tsv", "csv", "hf")
+INPUT_KINDS = ("jsonl", "parquet", "tsv", "csv", "hf", "c4")
 
 
 def _split_input(spec: str) -> tuple[str, str]:
@@ -145,6 +155,58 @@ def _load_hf(location: str, config: str | None, split: str) -> Iterable[Any]:
     return datasets.load_dataset(location, config, split=split, streaming=True)
 
 
+# allenai/c4 multilingual file names: c4-<lang>.tfrecord-00000-of-01024.json.gz (train) and
+# c4-<lang>-validation.tfrecord-00000-of-00004.json.gz (validation); languages may hold '-' (e.g. "zh-Latn").
+C4_FILE = re.compile(
+    r"^c4-(?P<lang>[A-Za-z0-9-]+?)(?P<validation>-validation)?\.tfrecord-(?P<index>\d{5})-of-(?P<total>\d{5})"
+    r"\.json\.gz$"
+)
+
+
+def c4_files(location: str | Path, split: str = "train") -> dict[str, list[Path]]:
+    """``{lang: [files in shard-index order]}`` of an ``allenai/c4`` multilingual folder (``<dir>/multilingual`` or
+    the folder itself) for ``split`` ("train" or "validation"). Other files are ignored."""
+    if split not in ("train", "validation"):
+        raise DataError(
+            location, None, "split", f"c4: has splits train and validation, not {split!r}", "bad_split"
+        )
+    root = Path(location)
+    if (root / "multilingual").is_dir():
+        root = root / "multilingual"
+    if not root.is_dir():
+        raise DataError(root, None, "file", "no such directory", "missing_file")
+    out: dict[str, list[tuple[int, Path]]] = defaultdict(list)
+    for p in root.iterdir():
+        m = C4_FILE.match(p.name)
+        if m and bool(m["validation"]) == (split == "validation"):
+            out[m["lang"]].append((int(m["index"]), p))
+    return {lang: [p for _, p in sorted(files)] for lang, files in sorted(out.items())}
+
+
+def _iter_c4(files: Sequence[Path]) -> Iterator[tuple[str, str, Any]]:
+    """Rows of gzipped JSON-lines files, one file at a time, one line at a time. A line that is not JSON is a
+    :class:`BadRecord`; a truncated or corrupt gzip member ends its file with one ``BadRecord`` (``corrupt_gzip``)."""
+    for path in files:
+        lineno = 0
+        try:
+            with gzip.open(path, "rb") as f:
+                for lineno, line in decoded_lines(f, path):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        err = DataError(path, f"line {lineno}", "<json>", f"not valid JSON ({e})", "bad_json")
+                        yield str(path), f"line {lineno}", BadRecord(err)
+                        continue
+                    yield str(path), f"line {lineno}", row
+        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            err = DataError(
+                path, f"line {lineno + 1}", "<gzip>", f"corrupt or truncated gzip ({e})", "corrupt_gzip"
+            )
+            yield str(path), f"line {lineno + 1}", BadRecord(err)
+
+
 def iter_rows(
     spec: str, *, config: str | None = None, split: str = "train", tsv_columns: Sequence[str] = ("id", "text")
 ) -> Iterator[tuple[str, str, Any]]:
@@ -153,6 +215,12 @@ def iter_rows(
     A line that is not JSON or has the wrong number of columns comes as a :class:`BadRecord` in its place (its
     ``error`` names file, line and field), so a writer can count it and go on (``skip_bad``) or raise it."""
     kind, loc = _split_input(spec)
+    if kind == "c4":
+        files = c4_files(loc, split)
+        langs = [config] if config is not None else list(files)
+        for lang in langs:
+            yield from _iter_c4(files.get(lang, []))
+        return
     if kind == "hf":
         where = f"{loc}" + (f" [{config}]" if config else "") + f" split {split}"
         for i, row in enumerate(_load_hf(loc, config, split)):
@@ -187,8 +255,34 @@ class PassageOptions:
     max_chars: int | None = None
     dedup: bool = True
     max_per_language: int | None = None
+    # How max_per_language picks: "head" (the first ones) or "reservoir" (a seeded uniform sample of the stream).
+    sample: str = "head"
+    seed: int = 0
     skip_bad: bool = False
     max_records_per_shard: int = 10000
+
+
+class Reservoir:
+    """A uniform random sample of ``k`` items of a stream of unknown length (Algorithm R), seeded: after ``n``
+    offers every offered item is kept with probability ``min(1, k / n)``. ``items()`` returns the kept items in
+    the order they were offered (their stream positions), so the output does not depend on the replacement order."""
+
+    def __init__(self, k: int, rng: random.Random):
+        self.k, self.rng, self.seen = k, rng, 0
+        self._kept: list[tuple[int, Any]] = []
+
+    def offer(self, item: Any) -> None:
+        i = self.seen
+        self.seen += 1
+        if len(self._kept) < self.k:
+            self._kept.append((i, item))
+            return
+        j = self.rng.randrange(self.seen)  # uniform in [0, i]
+        if j < self.k:
+            self._kept[j] = (i, item)
+
+    def items(self) -> list[Any]:
+        return [item for _, item in sorted(self._kept, key=lambda t: t[0])]
 
 
 def _text_hash(text: str) -> bytes:
@@ -204,6 +298,11 @@ def write_passage_shards(
         raise ValueError(f"min_chars {opts.min_chars} / max_chars {opts.max_chars}: expected 0 <= min <= max")
     if not inputs:
         raise ValueError("no inputs given")
+    if opts.sample not in ("head", "reservoir"):
+        raise ValueError(f"passage sample: expected 'head' or 'reservoir', got {opts.sample!r}")
+    reservoir = opts.sample == "reservoir" and opts.max_per_language is not None
+    reservoirs: dict[str, Reservoir] = {}
+    files_read: Counter[str] = Counter()
     keep = set(opts.languages)
     written: Counter[str] = Counter()
     filtered: Counter[str] = Counter()
@@ -219,12 +318,27 @@ def write_passage_shards(
     ) as writer:
         for spec in inputs:
             kind, loc = _split_input(spec)
-            # mC4-style inputs: one dataset config (or saved sub-folder) per language, each streamed only until
-            # that language is capped. A saved folder without per-language sub-folders is read once.
+            # Per-language inputs (hub configs, saved sub-folders, c4: files): one language at a time, each streamed
+            # only until capped with sample="head". A saved folder without per-language sub-folders is read once.
             per_lang = kind == "hf" and bool(opts.languages)
             if per_lang and Path(loc).exists():
                 per_lang = all((Path(loc) / x).is_dir() for x in opts.languages)
             configs: list[str | None] = list(opts.languages) if per_lang else [None]
+            if kind == "c4":  # one language per group of files, named by the file names
+                found = c4_files(loc, opts.split)
+                c4_langs = [x for x in (opts.languages or list(found)) if found.get(x)]
+                configs = list(c4_langs)
+                for x in opts.languages:
+                    if not found.get(x):
+                        raise DataError(
+                            loc,
+                            None,
+                            "languages",
+                            f"no c4-{x}.tfrecord-* files for split {opts.split}",
+                            "missing_file",
+                        )
+                for x in c4_langs:
+                    files_read[x] += len(found[x])
             for config in configs:
                 for where, label, row in iter_rows(
                     spec, config=config, split=opts.split, tsv_columns=opts.tsv_columns
@@ -270,17 +384,36 @@ def write_passage_shards(
                             filtered["duplicate"] += 1
                             continue
                         seen[lang].add(h)
+                    rec: dict[str, Any] = {"text": stripped, "lang": lang, "source": where}
+                    rid = row.get(opts.id_field)
+                    rec["id"] = str(rid) if rid is not None else f"{Path(where).name}:{label}"
+                    if kind == "c4" and isinstance(row.get("url"), str):
+                        rec["url"] = row["url"]
+                    if reservoir:
+                        if lang not in reservoirs:
+                            rng = random.Random(f"{opts.seed}:{lang}")  # one stream per language: order-free
+                            reservoirs[lang] = Reservoir(int(opts.max_per_language or 0), rng)
+                        reservoirs[lang].offer(rec)
+                        continue
                     if opts.max_per_language is not None and written[lang] >= opts.max_per_language:
                         filtered["capped"] += 1
                         if config is not None:
                             break  # nothing more of this language will be written: stop streaming it
                         continue
-                    rec: dict[str, Any] = {"text": stripped, "lang": lang, "source": where}
-                    rid = row.get(opts.id_field)
-                    rec["id"] = str(rid) if rid is not None else f"{Path(where).name}:{label}"
                     writer.write(f"{lang}-{written[lang]:09d}", rec)
                     written[lang] += 1
-        counts = {"written": dict(sorted(written.items())), "filtered": dict(filtered), "bad": dict(bad)}
+        for lang, res in sorted(reservoirs.items()):
+            filtered["not_sampled"] += res.seen - len(res.items())
+            for rec in res.items():
+                writer.write(f"{lang}-{written[lang]:09d}", rec)
+                written[lang] += 1
+        counts: dict[str, Any] = {
+            "written": dict(sorted(written.items())),
+            "filtered": dict(filtered),
+            "bad": dict(bad),
+        }
+        if files_read:
+            counts["c4_files"] = dict(sorted(files_read.items()))
         writer.source["counts"] = counts
     assert writer.manifest is not None
     return writer.manifest, counts
