@@ -42,7 +42,7 @@ from lancer_dist.retrieval.posthoc import Affine, fit_leace, fit_lsar
 from lancer_dist.retrieval.search import SearchResult, search_store, topk_recall
 from lancer_dist.retrieval.store import EmbeddingStore, plan_shards, read_corpus_range
 from lancer_dist.retrieval.trec import write_run
-from lancer_dist.train.tracking import Tracker, resolve_tracking_uri
+from lancer_dist.tracking import Tracker, resolve_tracking_uri
 
 __all__ = ["EvalCollection", "EvalReport", "format_table", "load_eval_collection", "metric_key", "run_eval"]
 
