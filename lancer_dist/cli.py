@@ -19,6 +19,7 @@ VERB_MODULES = [
     "lancer_dist.data.cli",
     "lancer_dist.train.cli",
     "lancer_dist.retrieval.cli",
+    "lancer_dist.tracking.cli",
     "launchers.cli",
 ]
 

@@ -39,7 +39,7 @@ def _tracking_line(config: str, overrides: list[str], workdir: str) -> tuple[str
     cfg = load_config(config, overrides)
     uri = cfg.tracking.tracking_uri
     if not uri:
-        from lancer_dist.train.tracking import resolve_tracking_uri
+        from lancer_dist.tracking import resolve_tracking_uri
 
         out = Path(cfg.output_dir)
         uri = resolve_tracking_uri("", out if out.is_absolute() else Path(workdir) / out)

@@ -2,7 +2,8 @@
 
 Queries and passages get the model's prefixes (``query: `` / ``passage: `` for E5; a rendered instruction before
 queries for decoder embedders) and are truncated to the model's max lengths (special tokens included); each batch is
-padded to its own longest sequence, on the tokenizer's padding side. This is the one text rule: training batches and
+padded to its own longest sequence, on the tokenizer's padding side. Titles are joined to passages by
+:func:`lancer_dist.data.text.passage_text` (re-exported here). This is the one text rule: training batches and
 evaluation encoding (:mod:`lancer_dist.retrieval.encoder_io`) both go through :class:`Collator`, with a tokenizer set
 up by :func:`lancer_dist.model.encoder.prepare_tokenizer` (pad token, left padding and EOS for last-token pooling).
 """
@@ -17,15 +18,9 @@ import torch
 from torch import Tensor
 
 from lancer_dist.config import ModelConfig
+from lancer_dist.data.text import passage_text
 
 __all__ = ["Collator", "passage_text"]
-
-
-def passage_text(p: dict[str, Any]) -> str:
-    """The text a passage is encoded from: ``"<title> <text>"`` when a non-empty title is stored (Tevatron's
-    MS MARCO records have a title field, often empty), else the text."""
-    title = str(p.get("title") or "").strip()
-    return f"{title} {p['text']}" if title and title != "-" else str(p["text"])
 
 
 class Collator:

@@ -2,7 +2,7 @@
 
 Data flow: corpus -> :mod:`~lancer_dist.retrieval.encode` (Ray actor pool) -> :mod:`~lancer_dist.retrieval.store`
 (sharded embeddings) -> :mod:`~lancer_dist.retrieval.search` (FAISS per shard + exact merge) ->
-:mod:`~lancer_dist.retrieval.metrics` -> MLflow (through the training tracker, :mod:`lancer_dist.train.tracking`).
+:mod:`~lancer_dist.retrieval.metrics` -> MLflow (through the training tracker, :mod:`lancer_dist.tracking`).
 :mod:`~lancer_dist.retrieval.evaluate` (``lancer eval``) ties them together with
 :mod:`~lancer_dist.retrieval.posthoc` (LSAR, LEACE) and :mod:`~lancer_dist.retrieval.analysis` (probe, pool growth,
 t-SNE). Submodules are imported on use, so ``import lancer_dist.retrieval`` stays cheap.

@@ -1,13 +1,17 @@
 """``lancer eval``: encode + search + metrics for a model over BEIR collections, with the post-hoc baselines and the
 language-bias analyses, reported side by side as the paper's Table 2 (+ Table 1 probe accuracy) and logged to MLflow.
 
-Flow per model (baseline, and the LANCER model when ``eval.lancer_model`` is set)::
+Stages, each a function from small typed artefacts to one (``run_eval`` composes them and logs each stage's metrics)::
 
-    EncoderPool (Ray actors, model loaded once) -> each collection's corpus -> EmbeddingStore (sharded, resumable)
-                                                -> its queries (in memory)
-    baseline embeddings of eval.posthoc_collection -> fit LSAR / LEACE (affine maps)
-    for each variant (base, +LSAR, +LEACE, LANCER): sharded FAISS search (Ray) -> TREC run -> metrics per language
-    analyses: language-ID probe (Table 1), nDCG@10 as languages join the pool (Fig. 1/3), t-SNE (Fig. 5)
+    plan_eval       cfg -> EvalPlan (collections, the analyses' collections, encoder directories)
+    encode_stage    EncoderPool (Ray actors, model loaded once) per model -> Encoded (each collection's corpus in an
+                    EmbeddingStore, sharded and resumable; its queries in memory)
+    fit_baselines   baseline embeddings of eval.posthoc_collection -> LSAR / LEACE -> list[Variant]
+    search_stage    per variant (base, +LSAR, +LEACE, LANCER): sharded FAISS search (Ray) -> TREC run -> metrics per
+                    language -> Retrieval
+    analyses_stage  language-ID probe (Table 1), nDCG@10 as languages join the pool (Fig. 1/3), t-SNE (Fig. 5)
+                    -> Analyses
+    report_stage    Table 2 (+ Table 1 column), results.json -> EvalReport
 
 Outputs under ``eval.output_dir``: ``emb/<model>/<collection>/`` (embedding stores, reused on re-runs),
 ``runs/<variant>/<collection>.trec``, ``results.json``, ``table.md`` / ``table.csv``, ``pool_growth.png``, ``tsne.png``.
@@ -27,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from lancer_dist.config import ConfigError, RunConfig, config_to_dict
+from lancer_dist.config import ConfigError, EvalConfig, RunConfig, config_to_dict
 from lancer_dist.language_probe import fit_language_probe, population_erasure
 from lancer_dist.retrieval.analysis import (
     balanced_sample,
@@ -42,7 +46,7 @@ from lancer_dist.retrieval.posthoc import Affine, fit_leace, fit_lsar
 from lancer_dist.retrieval.search import SearchResult, search_store, topk_recall
 from lancer_dist.retrieval.store import EmbeddingStore, plan_shards, read_corpus_range
 from lancer_dist.retrieval.trec import write_run
-from lancer_dist.train.tracking import Tracker, resolve_tracking_uri
+from lancer_dist.tracking import Tracker, resolve_tracking_uri
 
 __all__ = ["EvalCollection", "EvalReport", "format_table", "load_eval_collection", "metric_key", "run_eval"]
 
@@ -241,21 +245,41 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] = print) -> EvalReport:
-    """Run the whole evaluation described by ``cfg.eval`` (see the module docstring)."""
-    from lancer_dist.retrieval.ray_utils import ensure_ray
+# --------------------------------------------------------------------------------------------------------------
+# Stages: plan -> encode -> fit post-hoc baselines -> search + metrics -> analyses -> report. Each takes and returns
+# a small typed artefact; run_eval composes them. Stages do not talk to MLflow: each artefact says which metrics it
+# holds, and run_eval hands them to the tracker as soon as the stage is done.
+# --------------------------------------------------------------------------------------------------------------
 
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What one evaluation reads and writes, resolved from ``cfg.eval``."""
+
+    out: Path  # the eval output directory
+    colls: list[EvalCollection]  # the collections scored (eval.collections)
+    probe_coll: EvalCollection  # the language-ID probe and t-SNE sample
+    posthoc_coll: EvalCollection  # the post-hoc baselines' fitting sample
+    growth_coll: EvalCollection | None  # pool growth (None: switched off, or fewer than two query languages)
+    models: dict[str, Path]  # model tag ("base", "lancer") -> encoder directory
+
+    @property
+    def all_colls(self) -> list[EvalCollection]:
+        """Every collection that is encoded: the scored ones, then the analyses' extra ones."""
+        extra = {id(x): x for x in (self.probe_coll, self.posthoc_coll, self.growth_coll)}.values()
+        return list(self.colls) + [c for c in extra if c is not None and c not in self.colls]
+
+
+def plan_eval(cfg: RunConfig) -> EvalPlan:
+    """Read the collections' queries and judgments, pick the analyses' collections, resolve the encoders; creates the
+    eval output directory. A bad setting is a :class:`ConfigError` naming its field."""
     ev = cfg.eval
     if not ev.collections:
-        from lancer_dist.config import ConfigError
-
         raise ConfigError(
             "eval.collections", ev.collections, "a non-empty list of BEIR collection directories"
         )
-    t_all = time.perf_counter()
     out = Path(ev.output_dir or Path(cfg.output_dir) / "eval")
     out.mkdir(parents=True, exist_ok=True)
-    report = EvalReport(out)
     paths = [Path(p) for p in ev.collections]
     colls = [load_eval_collection(p, n) for p, n in zip(paths, _collection_names(paths))]
     by_path = {c.path.resolve(): c for c in colls}
@@ -276,247 +300,373 @@ def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] =
         )
         if n_langs(growth_coll) < 2:
             growth_coll = None
-    all_colls = list(colls) + [
-        c
-        for c in {id(x): x for x in (probe_coll, posthoc_coll, growth_coll)}.values()
-        if c is not None and c not in colls
-    ]
 
     models = {"base": resolve_base_model(cfg, out)}
     if ev.lancer_model:
         models["lancer"] = _model_dir(ev.lancer_model, "eval.lancer_model")
+    plan = EvalPlan(out, colls, probe_coll, posthoc_coll, growth_coll, models)
     for tag in models:
-        for c in all_colls:  # every output stays below the eval output directory
+        for c in plan.all_colls:  # every output stays below the eval output directory
             if not (out / "emb" / tag / c.name).resolve().is_relative_to(out.resolve()):
                 raise ConfigError(
                     "eval.collections", str(c.path), f"a collection whose name {c.name!r} is relative"
                 )
+    return plan
 
+
+@dataclass
+class Encoded:
+    """Every model's embeddings of every collection: passages in sharded stores on disk, queries in memory."""
+
+    stores: dict[tuple[str, str], EmbeddingStore] = field(default_factory=dict)  # (model tag, collection) ->
+    queries: dict[tuple[str, str], np.ndarray] = field(
+        default_factory=dict
+    )  # (model tag, collection) -> [Q, D]
+    seconds: dict[str, float] = field(default_factory=dict)  # "encode/<tag>" -> wall time
+
+
+def encode_stage(cfg: RunConfig, plan: EvalPlan, progress: bool, log: Callable[[str], None]) -> Encoded:
+    """Encode every collection's corpus (into ``emb/<model>/<collection>/``, reused on re-runs) and queries with
+    each model, through one Ray actor pool per model."""
+    ev = cfg.eval
+    enc = Encoded()
+    for tag, path in plan.models.items():
+        t0 = time.perf_counter()
+        spec = EncoderSpec.from_model_config(str(path), cfg.model)
+        with EncoderPool(
+            spec,
+            num_workers=ev.num_workers,
+            cpus_per_worker=ev.cpus_per_worker,
+            ray_address=ev.ray_address,
+        ) as pool:
+            for c in plan.all_colls:
+                log(f"[eval] encoding {c.name} with {tag} ({path})")
+                res = pool.encode_corpus(
+                    c.corpus,
+                    plan.out / "emb" / tag / c.name,
+                    shard_size=ev.shard_size,
+                    dtype=ev.dtype,
+                    batch_size=ev.batch_size,
+                    progress=progress,
+                )
+                enc.stores[tag, c.name] = EmbeddingStore(res.out_dir)
+                enc.queries[tag, c.name] = pool.encode_texts(
+                    c.query_texts, is_query=True, batch_size=ev.batch_size
+                )
+        enc.seconds[f"encode/{tag}"] = time.perf_counter() - t0
+    return enc
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of Table 2: a model's embeddings, optionally through a post-hoc eraser."""
+
+    name: str  # "base", "base+LSAR", "base+LEACE", "lancer"
+    model: str  # the model tag whose embeddings it uses
+    transform: Affine | None = None
+
+
+def fit_baselines(ev: EvalConfig, plan: EvalPlan, enc: Encoded) -> list[Variant]:
+    """The variants to score: the baseline, each post-hoc baseline fitted on the baseline's embeddings of
+    multilingual passages with language labels (``eval.posthoc_collection``), and the LANCER model."""
+    variants = [Variant("base", "base")]
+    if ev.baselines:
+        fit_x, fit_langs = _sample_store(
+            enc.stores["base", plan.posthoc_coll.name],
+            max(1, ev.posthoc_max_passages // max(1, _corpus_lang_count(plan.posthoc_coll))),
+            ev.seed,
+        )
+        for b in ev.baselines:
+            t = fit_lsar(fit_x, fit_langs, ev.lsar_rank) if b == "lsar" else fit_leace(fit_x, fit_langs)
+            variants.append(Variant(f"base+{b.upper()}", "base", t))
+    if "lancer" in plan.models:
+        variants.append(Variant("lancer", "lancer"))
+    return variants
+
+
+@dataclass
+class Retrieval:
+    """Scores of every variant on every scored collection."""
+
+    # variant -> collection -> {"all": {measure: value}, "<lang>": {...}} (+ "Recall@5kt" style entries)
+    results: dict[str, dict[str, dict[str, dict[str, float]]]] = field(default_factory=dict)
+    # variant -> collection -> recall@top_k of the approximate index against exact search (approximate indexes only)
+    index_recall: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def metric_groups(self, top_k: int) -> list[dict[str, float]]:
+        """The MLflow metrics (step 0), one group per variant and collection (its index recall, then its measures
+        per language; NaN left out), so no single log call grows past MLflow's 1000 metrics per batch."""
+        groups: list[dict[str, float]] = []
+        for vname, per_coll in self.results.items():
+            for cname, res in per_coll.items():
+                if cname in self.index_recall.get(vname, {}):
+                    groups.append(
+                        {metric_key(vname, cname, f"index_recall@{top_k}"): self.index_recall[vname][cname]}
+                    )
+                groups.append(
+                    {
+                        metric_key(vname, cname, lang, m): v
+                        for lang, ms in res.items()
+                        for m, v in ms.items()
+                        if not np.isnan(v)
+                    }
+                )
+        return groups
+
+
+def search_stage(
+    ev: EvalConfig, plan: EvalPlan, enc: Encoded, variants: list[Variant], log: Callable[[str], None]
+) -> Retrieval:
+    """Sharded search of every variant over every scored collection; writes ``runs/<variant>/<collection>.trec``
+    and scores each run per language (plus Recall@kt on collections with answers)."""
+    t0 = time.perf_counter()
+    ret = Retrieval()
+    for var in variants:
+        vname, tag, tf = var.name, var.model, var.transform
+        ret.results[vname] = {}
+        for c in plan.colls:
+            q = enc.queries[tag, c.name]
+            q = tf(q) if tf is not None else q
+            store = enc.stores[tag, c.name]
+            sr = search_store(
+                store.path,
+                q,
+                ev.top_k,
+                ev.index_spec(),
+                transform=tf,
+                parallel=ev.search_parallel,
+                threads=ev.search_threads,
+                cpus_per_task=max(1, ev.cpus_per_worker),
+                block=ev.search_block,
+                seed=ev.seed,
+            )
+            recall = index_recall(store.path, q, sr, ev, tf)
+            if recall is not None:
+                ret.index_recall.setdefault(vname, {})[c.name] = recall
+                log(
+                    f"[eval] {vname} {c.name}: recall@{ev.top_k} of {ev.index_spec()} vs exact = {recall:.4f}"
+                )
+            run = sr.to_run(c.qids)
+            write_run(
+                plan.out / "runs" / vname.replace("+", "_") / f"{c.name.replace('/', '_')}.trec",
+                run,
+                tag=vname,
+            )
+            res = evaluate_by_language(c.qrels, run, ev.measures, dict(zip(c.qids, c.query_langs)))
+            if c.answers:
+                texts = _corpus_texts(c)
+                ranked = dict(zip(c.qids, sr.docids))
+                for kt in ev.recall_kt:
+                    name = f"Recall@{kt // 1000}kt" if kt % 1000 == 0 else f"Recall@{kt}t"
+                    for lang, v in recall_at_kt(
+                        ranked, texts, c.answers, kt, dict(zip(c.qids, c.query_langs))
+                    ).items():
+                        res.setdefault(lang, {})[name] = v
+            ret.results[vname][c.name] = res
+    ret.seconds = time.perf_counter() - t0
+    return ret
+
+
+@dataclass
+class Analyses:
+    """The language-bias analyses: the language-ID probe (Table 1), pool growth (Fig. 1/3), t-SNE (Fig. 5)."""
+
+    probe: dict[str, float] = field(default_factory=dict)  # variant -> language-ID accuracy
+    probe_interval: dict[str, tuple[float, float]] = field(
+        default_factory=dict
+    )  # variant -> 95 % Wilson interval
+    # variant -> {"erasure_abs", "erasure_floor", "erasure_over_floor"} on the probe's held-out half
+    probe_erasure: dict[str, dict[str, float]] = field(default_factory=dict)
+    pool_growth: dict[str, list[tuple[int, str, float]]] = field(
+        default_factory=dict
+    )  # variant -> (n, lang, v)
+    pool_growth_measure: str = "nDCG@10"
+    figures: list[Path] = field(default_factory=list)  # pool_growth.png, tsne.png
+    seconds: dict[str, float] = field(default_factory=dict)  # "probe", "pool_growth", "tsne" -> wall time
+
+    def probe_metrics(self) -> dict[str, float]:
+        """The probe's MLflow metrics (step 0)."""
+        return {
+            **{metric_key(v, "probe_language_id_accuracy"): a for v, a in self.probe.items()},
+            **{
+                metric_key(v, "probe_language_id_accuracy_low"): lo
+                for v, (lo, _) in self.probe_interval.items()
+            },
+            **{
+                metric_key(v, "probe_language_id_accuracy_high"): hi
+                for v, (_, hi) in self.probe_interval.items()
+            },
+            **{
+                metric_key(v, f"probe_{k}"): val
+                for v, d in self.probe_erasure.items()
+                for k, val in d.items()
+            },
+        }
+
+    def pool_growth_metrics(self) -> list[tuple[dict[str, float], int]]:
+        """Pool growth as MLflow metrics: (metrics, step = number of pool languages)."""
+        return [
+            ({metric_key(vname, "pool_growth", self.pool_growth_measure): v}, n_lang)
+            for vname, curve in self.pool_growth.items()
+            for n_lang, _, v in curve
+        ]
+
+
+def analyses_stage(ev: EvalConfig, plan: EvalPlan, enc: Encoded, variants: list[Variant]) -> Analyses:
+    """Probe accuracy and L_C per variant, nDCG@10 as languages join the pool, and the t-SNE figure."""
+    an = Analyses()
+    # Table 1: language-ID probe accuracy on the held-out half of a balanced per-language sample. A post-hoc
+    # baseline is refitted on the probe's training half only: fitted on passages that include the test half, an
+    # eraser equalises the language means over train + test, so the train half's means mirror the test half's
+    # and the probe scores *below* chance - an artefact, not a measurement.
+    t0 = time.perf_counter()
+    for var in variants:
+        vname, tf = var.name, var.transform
+        x, langs = _sample_store(enc.stores[var.model, plan.probe_coll.name], ev.probe_per_language, ev.seed)
+        lab = np.asarray(langs)
+        # every other passage OF EACH LANGUAGE (the probe cross-validates per language on its train half)
+        train = np.zeros(len(lab), dtype=bool)
+        for lang in set(langs):
+            train[np.flatnonzero(lab == lang)[::2]] = True
+        if tf is not None:
+            fit = fit_lsar if tf.name == "lsar" else fit_leace
+            kw = {"rank": ev.lsar_rank} if tf.name == "lsar" else {}
+            tf_probe = fit(x[train], list(lab[train]), **kw)
+            x = tf_probe(x)
+        pf = fit_language_probe(x[train], list(lab[train]), x[~train], list(lab[~train]), seed=ev.seed)
+        an.probe[vname] = pf.test_accuracy
+        an.probe_interval[vname] = (pf.ci_low, pf.ci_high)
+        # L_C of the held-out half (the half no post-hoc eraser was fitted on), beside its floor
+        an.probe_erasure[vname] = population_erasure(x[~train], list(lab[~train]))
+    an.seconds["probe"] = time.perf_counter() - t0
+
+    # Fig. 1/3: nDCG@10 as languages are added to the pool.
+    growth = plan.growth_coll
+    if growth is not None:
+        t0 = time.perf_counter()
+        present = sorted(set(growth.query_langs))
+        order = [x for x in ev.language_order if x in present] or (
+            (["en"] if "en" in present else []) + [x for x in present if x != "en"]
+        )
+        for var in variants:
+            p_emb, docids, p_langs = enc.stores[var.model, growth.name].load_all()
+            an.pool_growth[var.name] = pool_growth(
+                enc.queries[var.model, growth.name],
+                growth.qids,
+                growth.query_langs,
+                p_emb,
+                docids,
+                p_langs,
+                growth.qrels,
+                order,
+                an.pool_growth_measure,
+                ev.top_k,
+                var.transform,
+            )
+        an.figures.append(
+            plot_pool_growth(an.pool_growth, plan.out / "pool_growth.png", an.pool_growth_measure)
+        )
+        an.seconds["pool_growth"] = time.perf_counter() - t0
+
+    # Fig. 5: t-SNE of passages coloured by language.
+    if ev.tsne_samples > 0:
+        t0 = time.perf_counter()
+        tsne_x: dict[str, np.ndarray] = {}
+        langs_t: list[str] = []
+        for var in variants:
+            x, langs_t = _sample_store(
+                enc.stores[var.model, plan.probe_coll.name], ev.tsne_samples, ev.seed + 1
+            )
+            tsne_x[var.name] = var.transform(x) if var.transform is not None else x
+        an.figures.append(tsne_plot(tsne_x, langs_t, plan.out / "tsne.png", ev.seed))
+        an.seconds["tsne"] = time.perf_counter() - t0
+    return an
+
+
+def report_stage(
+    plan: EvalPlan, variants: list[Variant], ret: Retrieval, an: Analyses, seconds: dict[str, float]
+) -> EvalReport:
+    """Table 2 (+ the Table 1 column), one row per variant, written as ``table.md`` / ``table.csv``, and everything
+    in ``results.json``; ``seconds`` are the stages' wall times (``total`` included)."""
+    report = EvalReport(
+        plan.out,
+        results=ret.results,
+        probe=an.probe,
+        probe_interval=an.probe_interval,
+        probe_erasure=an.probe_erasure,
+        pool_growth=an.pool_growth,
+        artifacts=list(an.figures),
+        seconds=seconds,
+        index_recall=ret.index_recall,
+    )
+    for var in variants:
+        row: dict[str, Any] = {"method": var.name}
+        for c in plan.colls:
+            for meas, v in ret.results[var.name][c.name]["all"].items():
+                row[f"{c.name} {meas}"] = v
+        row["probe acc"] = an.probe[var.name]
+        row["probe 95% low"], row["probe 95% high"] = an.probe_interval[var.name]
+        row["L_C / floor"] = an.probe_erasure[var.name]["erasure_over_floor"]
+        report.table.append(row)
+    out = plan.out
+    (out / "table.md").write_text(format_table(report.table) + "\n")
+    with open(out / "table.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(report.table[0]))
+        w.writeheader()
+        w.writerows(report.table)
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "results": report.results,
+                "probe": report.probe,
+                "probe_interval": report.probe_interval,
+                "probe_erasure": report.probe_erasure,
+                "pool_growth": report.pool_growth,
+                "table": report.table,
+                "seconds": report.seconds,
+                "index_recall": report.index_recall,
+                "collections": {c.name: str(c.path) for c in plan.colls},
+                "models": {k: str(v) for k, v in plan.models.items()},
+            },
+            indent=1,
+        )
+    )
+    report.artifacts += [out / "table.md", out / "table.csv", out / "results.json"]
+    return report
+
+
+def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] = print) -> EvalReport:
+    """Run the whole evaluation described by ``cfg.eval`` (see the module docstring): plan -> encode -> fit post-hoc
+    baselines -> search + metrics -> analyses -> report, each stage's metrics logged to MLflow when it is done."""
+    from lancer_dist.retrieval.ray_utils import ensure_ray
+
+    ev = cfg.eval
+    t_all = time.perf_counter()
+    plan = plan_eval(cfg)
     # The training tracker: an on-disk outbox in <eval output>/mlflow_spool delivered by a background thread, so
     # an unreachable store neither stalls nor kills evaluation, and secrets are redacted. The store is the run's
     # (by default sqlite next to output_dir, like training), and its artifacts go where that store keeps them.
     tracking = dataclasses.replace(
         cfg.tracking, tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri, cfg.output_dir)
     )
-    tracker = Tracker(tracking, run_dir=out, rank=0)
-    report.mlflow_run_id = tracker.start({"eval": config_to_dict(ev)}, run_name=f"eval-{cfg.name}")
+    tracker = Tracker(tracking, run_dir=plan.out, rank=0)
+    run_id = tracker.start({"eval": config_to_dict(ev)}, run_name=f"eval-{cfg.name}")
     started_ray = ensure_ray(ev.ray_address)
     status = "FAILED"
     try:
-        stores: dict[tuple[str, str], EmbeddingStore] = {}
-        queries: dict[tuple[str, str], np.ndarray] = {}
-        for tag, path in models.items():
-            t0 = time.perf_counter()
-            spec = EncoderSpec.from_model_config(str(path), cfg.model)
-            with EncoderPool(
-                spec,
-                num_workers=ev.num_workers,
-                cpus_per_worker=ev.cpus_per_worker,
-                ray_address=ev.ray_address,
-            ) as pool:
-                for c in all_colls:
-                    log(f"[eval] encoding {c.name} with {tag} ({path})")
-                    enc = pool.encode_corpus(
-                        c.corpus,
-                        out / "emb" / tag / c.name,
-                        shard_size=ev.shard_size,
-                        dtype=ev.dtype,
-                        batch_size=ev.batch_size,
-                        progress=progress,
-                    )
-                    stores[tag, c.name] = EmbeddingStore(enc.out_dir)
-                    queries[tag, c.name] = pool.encode_texts(
-                        c.query_texts, is_query=True, batch_size=ev.batch_size
-                    )
-            report.seconds[f"encode/{tag}"] = time.perf_counter() - t0
-
-        # Post-hoc baselines, fitted on the baseline's embeddings of multilingual passages with language labels.
-        variants: dict[str, tuple[str, Affine | None]] = {"base": ("base", None)}
-        if ev.baselines:
-            fit_x, fit_langs = _sample_store(
-                stores["base", posthoc_coll.name],
-                max(1, ev.posthoc_max_passages // max(1, _corpus_lang_count(posthoc_coll))),
-                ev.seed,
-            )
-            for b in ev.baselines:
-                t = fit_lsar(fit_x, fit_langs, ev.lsar_rank) if b == "lsar" else fit_leace(fit_x, fit_langs)
-                variants[f"base+{b.upper()}"] = ("base", t)
-        if "lancer" in models:
-            variants["lancer"] = ("lancer", None)
-
-        # Retrieval: sharded search per variant and collection, metrics per language.
-        t0 = time.perf_counter()
-        for vname, (tag, tf) in variants.items():
-            report.results[vname] = {}
-            for c in colls:
-                q = queries[tag, c.name]
-                q = tf(q) if tf is not None else q
-                sr = search_store(
-                    stores[tag, c.name].path,
-                    q,
-                    ev.top_k,
-                    ev.index_spec(),
-                    transform=tf,
-                    parallel=ev.search_parallel,
-                    threads=ev.search_threads,
-                    cpus_per_task=max(1, ev.cpus_per_worker),
-                    block=ev.search_block,
-                    seed=ev.seed,
-                )
-                recall = index_recall(stores[tag, c.name].path, q, sr, ev, tf)
-                if recall is not None:
-                    report.index_recall.setdefault(vname, {})[c.name] = recall
-                    tracker.log_metrics(
-                        {metric_key(vname, c.name, f"index_recall@{ev.top_k}"): recall}, step=0
-                    )
-                    log(
-                        f"[eval] {vname} {c.name}: recall@{ev.top_k} of {ev.index_spec()} vs exact = {recall:.4f}"
-                    )
-                run = sr.to_run(c.qids)
-                write_run(
-                    out / "runs" / vname.replace("+", "_") / f"{c.name.replace('/', '_')}.trec",
-                    run,
-                    tag=vname,
-                )
-                res = evaluate_by_language(c.qrels, run, ev.measures, dict(zip(c.qids, c.query_langs)))
-                if c.answers:
-                    texts = _corpus_texts(c)
-                    ranked = dict(zip(c.qids, sr.docids))
-                    for kt in ev.recall_kt:
-                        name = f"Recall@{kt // 1000}kt" if kt % 1000 == 0 else f"Recall@{kt}t"
-                        for lang, v in recall_at_kt(
-                            ranked, texts, c.answers, kt, dict(zip(c.qids, c.query_langs))
-                        ).items():
-                            res.setdefault(lang, {})[name] = v
-                report.results[vname][c.name] = res
-                tracker.log_metrics(
-                    {
-                        metric_key(vname, c.name, lang, m): v
-                        for lang, ms in res.items()
-                        for m, v in ms.items()
-                        if not np.isnan(v)
-                    },
-                    step=0,
-                )
-        report.seconds["search+metrics"] = time.perf_counter() - t0
-
-        # Table 1: language-ID probe accuracy on the held-out half of a balanced per-language sample. A post-hoc
-        # baseline is refitted on the probe's training half only: fitted on passages that include the test half, an
-        # eraser equalises the language means over train + test, so the train half's means mirror the test half's
-        # and the probe scores *below* chance - an artefact, not a measurement.
-        t0 = time.perf_counter()
-        for vname, (tag, tf) in variants.items():
-            x, langs = _sample_store(stores[tag, probe_coll.name], ev.probe_per_language, ev.seed)
-            lab = np.asarray(langs)
-            # every other passage OF EACH LANGUAGE (the probe cross-validates per language on its train half)
-            train = np.zeros(len(lab), dtype=bool)
-            for lang in set(langs):
-                train[np.flatnonzero(lab == lang)[::2]] = True
-            if tf is not None:
-                fit = fit_lsar if tf.name == "lsar" else fit_leace
-                kw = {"rank": ev.lsar_rank} if tf.name == "lsar" else {}
-                tf_probe = fit(x[train], list(lab[train]), **kw)
-                x = tf_probe(x)
-            pf = fit_language_probe(x[train], list(lab[train]), x[~train], list(lab[~train]), seed=ev.seed)
-            report.probe[vname] = pf.test_accuracy
-            report.probe_interval[vname] = (pf.ci_low, pf.ci_high)
-            # L_C of the held-out half (the half no post-hoc eraser was fitted on), beside its floor
-            report.probe_erasure[vname] = population_erasure(x[~train], list(lab[~train]))
-        tracker.log_metrics(
-            {
-                **{metric_key(v, "probe_language_id_accuracy"): a for v, a in report.probe.items()},
-                **{
-                    metric_key(v, "probe_language_id_accuracy_low"): lo
-                    for v, (lo, _) in report.probe_interval.items()
-                },
-                **{
-                    metric_key(v, "probe_language_id_accuracy_high"): hi
-                    for v, (_, hi) in report.probe_interval.items()
-                },
-                **{
-                    metric_key(v, f"probe_{k}"): val
-                    for v, d in report.probe_erasure.items()
-                    for k, val in d.items()
-                },
-            },
-            step=0,
-        )
-        report.seconds["probe"] = time.perf_counter() - t0
-
-        # Fig. 1/3: nDCG@10 as languages are added to the pool.
-        if growth_coll is not None:
-            t0 = time.perf_counter()
-            present = sorted(set(growth_coll.query_langs))
-            order = [x for x in ev.language_order if x in present] or (
-                (["en"] if "en" in present else []) + [x for x in present if x != "en"]
-            )
-            measure = "nDCG@10"
-            for vname, (tag, tf) in variants.items():
-                p_emb, docids, p_langs = stores[tag, growth_coll.name].load_all()
-                report.pool_growth[vname] = pool_growth(
-                    queries[tag, growth_coll.name],
-                    growth_coll.qids,
-                    growth_coll.query_langs,
-                    p_emb,
-                    docids,
-                    p_langs,
-                    growth_coll.qrels,
-                    order,
-                    measure,
-                    ev.top_k,
-                    tf,
-                )
-                for n_lang, _, v in report.pool_growth[vname]:
-                    tracker.log_metrics({metric_key(vname, "pool_growth", measure): v}, step=n_lang)
-            png = plot_pool_growth(report.pool_growth, out / "pool_growth.png", measure)
-            report.artifacts.append(png)
-            report.seconds["pool_growth"] = time.perf_counter() - t0
-
-        # Fig. 5: t-SNE of passages coloured by language.
-        if ev.tsne_samples > 0:
-            t0 = time.perf_counter()
-            tsne_x: dict[str, np.ndarray] = {}
-            langs_t: list[str] = []
-            for vname, (tag, tf) in variants.items():
-                x, langs_t = _sample_store(stores[tag, probe_coll.name], ev.tsne_samples, ev.seed + 1)
-                tsne_x[vname] = tf(x) if tf is not None else x
-            report.artifacts.append(tsne_plot(tsne_x, langs_t, out / "tsne.png", ev.seed))
-            report.seconds["tsne"] = time.perf_counter() - t0
-
-        # Table 2 (+ Table 1 column): one row per variant.
-        for vname in variants:
-            row: dict[str, Any] = {"method": vname}
-            for c in colls:
-                for meas, v in report.results[vname][c.name]["all"].items():
-                    row[f"{c.name} {meas}"] = v
-            row["probe acc"] = report.probe[vname]
-            row["probe 95% low"], row["probe 95% high"] = report.probe_interval[vname]
-            row["L_C / floor"] = report.probe_erasure[vname]["erasure_over_floor"]
-            report.table.append(row)
-        (out / "table.md").write_text(format_table(report.table) + "\n")
-        with open(out / "table.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(report.table[0]))
-            w.writeheader()
-            w.writerows(report.table)
-        report.seconds["total"] = time.perf_counter() - t_all
-        (out / "results.json").write_text(
-            json.dumps(
-                {
-                    "results": report.results,
-                    "probe": report.probe,
-                    "probe_interval": report.probe_interval,
-                    "probe_erasure": report.probe_erasure,
-                    "pool_growth": report.pool_growth,
-                    "table": report.table,
-                    "seconds": report.seconds,
-                    "index_recall": report.index_recall,
-                    "collections": {c.name: str(c.path) for c in colls},
-                    "models": {k: str(v) for k, v in models.items()},
-                },
-                indent=1,
-            )
-        )
-        report.artifacts += [out / "table.md", out / "table.csv", out / "results.json"]
+        enc = encode_stage(cfg, plan, progress, log)
+        variants = fit_baselines(ev, plan, enc)
+        ret = search_stage(ev, plan, enc, variants, log)
+        for metrics in ret.metric_groups(ev.top_k):
+            tracker.log_metrics(metrics, step=0)
+        an = analyses_stage(ev, plan, enc, variants)
+        tracker.log_metrics(an.probe_metrics(), step=0)
+        for metrics, step in an.pool_growth_metrics():
+            tracker.log_metrics(metrics, step=step)
+        seconds = {**enc.seconds, "search+metrics": ret.seconds, **an.seconds}
+        seconds["total"] = time.perf_counter() - t_all
+        report = report_stage(plan, variants, ret, an, seconds)
         columns = list(report.table[0])
         tracker.log_dict(
             {"columns": columns, "data": [[r.get(c) for c in columns] for r in report.table]},
@@ -527,11 +677,12 @@ def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] =
         status = "FINISHED"
     finally:
         tracker.finish(status)
-        report.mlflow_run_id = tracker.run_id or report.mlflow_run_id
+        run_id = tracker.run_id or run_id
         if started_ray:
             import ray
 
             ray.shutdown()
+    report.mlflow_run_id = run_id
     return report
 
 

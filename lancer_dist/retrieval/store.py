@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from lancer_dist.data.text import passage_text
 from lancer_dist.fileio import atomic_write_json
 
 __all__ = [
@@ -87,17 +88,12 @@ def plan_shards(corpus_path: str | Path, shard_size: int) -> list[ShardPlan]:
     return plans
 
 
-def _passage_text(doc: dict[str, Any]) -> str:
-    title = str(doc.get("title") or "").strip()
-    text = str(doc.get("text") or "")
-    return f"{title} {text}" if title else text
-
-
 def read_corpus_range(
     plan: ShardPlan, skipped: list[str] | None = None
 ) -> tuple[list[str], list[str], list[str]]:
-    """(ids, texts, langs) of one shard. A passage's text is ``title + " " + text`` (BEIR convention). Passages
-    with neither text nor title are left out (as ``read_beir`` does) and their ids appended to ``skipped``."""
+    """(ids, texts, langs) of one shard. A passage's text is training's, :func:`lancer_dist.data.text.passage_text`
+    (``title + " " + text``, BEIR's convention, with a ``"-"`` title counted as none). Passages whose text is then
+    empty are left out (as ``read_beir`` does) and their ids appended to ``skipped``."""
     ids: list[str] = []
     texts: list[str] = []
     langs: list[str] = []
@@ -119,12 +115,12 @@ def read_corpus_range(
             raise CorpusFormatError(plan.path, line_no, "_id", "missing")
         if not isinstance(doc.get("text"), str):
             raise CorpusFormatError(plan.path, line_no, "text", f"expected a string, got {doc.get('text')!r}")
-        if not _passage_text(doc).strip():
+        if not passage_text(doc).strip():
             if skipped is not None:
                 skipped.append(str(doc["_id"]))
             continue
         ids.append(str(doc["_id"]))
-        texts.append(_passage_text(doc))
+        texts.append(passage_text(doc))
         langs.append(str(doc.get("lang") or "und"))
     if len(ids) + (len(skipped) if skipped is not None else plan.count - len(ids)) != plan.count:
         raise CorpusFormatError(

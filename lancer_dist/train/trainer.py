@@ -241,7 +241,7 @@ class Trainer:
         self.probe_history: list[dict[str, float]] = []
         self.probe = self._build_probe()
 
-        from lancer_dist.train.tracking import Tracker
+        from lancer_dist.tracking import Tracker
 
         self.tracker = Tracker(cfg.tracking, run_dir=self.out_dir, rank=self.rank)
         self.checkpoints = self._checkpoint_manager()

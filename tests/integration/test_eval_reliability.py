@@ -105,7 +105,7 @@ def test_eval_survives_a_down_tracking_server_and_delivers_later(
     # Everything is kept in the outbox; a real server comes up later on the same port and receives all of it.
     spool = tmp_path / "run" / "eval" / "mlflow_spool"
     assert (spool / "journal.jsonl").stat().st_size > 0
-    from lancer_dist.train.tracking import upload_spool
+    from lancer_dist.tracking import upload_spool
 
     with MlflowServer(tmp_path / "mlflow", port=port) as srv:
         assert upload_spool(tmp_path / "run" / "eval", tracking_uri=uri, timeout_s=180, retry_seconds=1)

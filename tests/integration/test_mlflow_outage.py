@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from lancer_dist.cli import main as lancer_main
 from lancer_dist.config import RunConfig, TrackingConfig, config_to_dict
-from lancer_dist.train.tracking import SPOOL_DIRNAME, Tracker, upload_spool
-from lancer_dist.train.tracking import main as tracking_main
+from lancer_dist.tracking import SPOOL_DIRNAME, Tracker, upload_spool
 from tests.servers import MlflowServer, free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -50,7 +50,7 @@ def _timed_log(tracker: Tracker, steps: range) -> float:
 
 
 def test_server_outage_and_recovery(server: MlflowServer, tmp_path: Path, caplog: pytest.LogCaptureFixture):
-    caplog.set_level(logging.WARNING, logger="lancer_dist.train.tracking")
+    caplog.set_level(logging.WARNING, logger="lancer_dist.tracking")
     cfg = RunConfig()
     cfg.tracking = TrackingConfig(tracking_uri=server.uri, experiment="outage", retry_seconds=0.5)
     run_dir = tmp_path / "run"
@@ -117,7 +117,7 @@ def test_server_outage_and_recovery(server: MlflowServer, tmp_path: Path, caplog
 def test_unreachable_for_the_whole_run_then_upload(
     server: MlflowServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
-    caplog.set_level(logging.WARNING, logger="lancer_dist.train.tracking")
+    caplog.set_level(logging.WARNING, logger="lancer_dist.tracking")
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens here
     cfg = TrackingConfig(tracking_uri=dead, experiment="late", retry_seconds=0.3)
     run_dir = tmp_path / "run"
@@ -136,13 +136,14 @@ def test_unreachable_for_the_whole_run_then_upload(
     left = tracker.undelivered()
     assert left["metrics"] == 50 and left["artifacts"] == 1 and left["params"] == 2, left
     msgs = [r.getMessage() for r in caplog.records]
-    assert any(
-        "could not be delivered" in m and "python -m lancer_dist.train.tracking upload" in m for m in msgs
-    ), msgs
+    assert any("could not be delivered" in m and "lancer tracking upload" in m for m in msgs), msgs
 
     # Later, with a reachable server: deliver everything the run left behind, in order, into a new run.
-    # (the command the error message prints, run in-process)
-    assert tracking_main(["upload", str(run_dir), "--tracking-uri", server.uri, "--timeout", "120"]) == 0
+    # (the command the error message prints, `lancer tracking upload`, run in-process)
+    assert (
+        lancer_main(["tracking", "upload", str(run_dir), "--tracking-uri", server.uri, "--timeout", "120"])
+        == 0
+    )
     run_id = Tracker.stored_run_id(run_dir)
     assert run_id is not None
     client = MlflowClient(server.uri)

@@ -233,7 +233,7 @@ def test_lock_with_a_recycled_pid_is_stale_but_a_live_one_elsewhere_is_not(tmp_p
 def test_shipped_configs_keep_checkpoints_and_mlflow_in_the_output_dir(config: Path, tmp_path: Path):
     """Two runs of one config with different output directories must not share checkpoints or a store."""
     from lancer_dist.config import load_config
-    from lancer_dist.train.tracking import resolve_tracking_uri
+    from lancer_dist.tracking import resolve_tracking_uri
 
     cfg = load_config(config, [f"output_dir={tmp_path / 'a'}"])
     assert cfg.train.checkpoint.dir == "", f"{config.name} sets train.checkpoint.dir to a fixed path"

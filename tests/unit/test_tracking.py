@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from lancer_dist.config import RunConfig, TrackingConfig, config_to_dict
-from lancer_dist.train.tracking import SPOOL_DIRNAME, Tracker, resolve_tracking_uri, upload_spool
+from lancer_dist.tracking import SPOOL_DIRNAME, Tracker, resolve_tracking_uri, upload_spool
 
 
 def _client(tracker: Tracker) -> MlflowClient:
@@ -135,7 +135,7 @@ def test_resume_continues_the_same_run(store: str, tmp_path: Path, caplog: pytes
     first.finish(status="KILLED")
     assert Tracker.stored_run_id(run_dir) == run_id
 
-    caplog.set_level(logging.WARNING, logger="lancer_dist.train.tracking")
+    caplog.set_level(logging.WARNING, logger="lancer_dist.tracking")
     second = Tracker(cfg, run_dir=run_dir, rank=0)
     # A resumed run with a changed setting: params are immutable in MLflow, so the change becomes a tag.
     assert second.start({"train": {"steps": 20, "lr": 0.1}, "extra": 1}, resume_run_id="auto") == run_id
