@@ -5,39 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from lancer_dist.config import ModelConfig
 from lancer_dist.model import BiEncoder
+from tests.tiny_models import tiny_bert_config, token_batch
 
-G, NUM_LANG, VOCAB = 2, 3, 97
+G, NUM_LANG = 2, 3
 
 
 def tiny_model(dropout: float = 0.1) -> BiEncoder:
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        backbone_config={
-            "model_type": "bert",
-            "vocab_size": VOCAB,
-            "hidden_size": 16,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 32,
-            "max_position_embeddings": 32,
-        },
-        tokenizer="unused",
-        pooling="mean",
-        normalize=True,
-        temperature=0.2,
-        dropout=dropout,
-    )
-    return BiEncoder.from_config(cfg).double().train()
-
-
-def token_batch(n: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, VOCAB, (n, length), generator=g)
-    lengths = torch.randint(2, length + 1, (n,), generator=g)
-    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
-    return ids * mask, mask
+    return BiEncoder.from_config(tiny_bert_config(dropout)).double().train()
 
 
 def erasure_batch(m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,33 +9,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lancer_dist.config import LoraConfig, ModelConfig
+from lancer_dist.config import LoraConfig
 from lancer_dist.dist import ProcessGroupCollectives
 from lancer_dist.losses import lancer_loss
 from lancer_dist.model import BiEncoder
 from tests.distributed.harness import run_distributed
+from tests.tiny_models import tiny_bert_config, token_batch
 
-G, NUM_LANG, VOCAB = 2, 3, 97
+G, NUM_LANG = 2, 3
 TOL = 1e-10
 
 
 def _model(shared: bool, lora: bool = False) -> BiEncoder:
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        backbone_config={
-            "model_type": "bert",
-            "vocab_size": VOCAB,
-            "hidden_size": 16,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 32,
-            "max_position_embeddings": 32,
-        },
-        tokenizer="unused",
-        pooling="mean",
-        normalize=True,
-        temperature=0.2,
-        dropout=0.0,
+    cfg = tiny_bert_config(
         shared_towers=shared,
         lora=LoraConfig(enabled=lora, r=4, alpha=8, target_modules=["query", "value"]),
     )
@@ -49,18 +36,10 @@ def _model(shared: bool, lora: bool = False) -> BiEncoder:
     return model
 
 
-def _batch(n: int, length: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, VOCAB, (n, length), generator=g)
-    lengths = torch.randint(2, length + 1, (n,), generator=g)
-    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
-    return ids * mask, mask
-
-
 def _data(b: int, m: int):
-    q = _batch(b, 6, 1)
-    p = _batch(b * G, 9, 2)
-    x = _batch(m, 9, 3)
+    q = token_batch(b, 6, 1)
+    p = token_batch(b * G, 9, 2)
+    x = token_batch(m, 9, 3)
     lang = torch.arange(m) % NUM_LANG
     return q, p, x, lang
 

@@ -13,27 +13,9 @@ from lancer_dist.data.shards import load_shard, read_manifest
 from lancer_dist.retrieval.encoder_io import EncoderSpec
 from lancer_dist.retrieval.mine import MineOptions, mine_hard_negatives
 from lancer_dist.retrieval.tiny import write_beir, write_tiny_encoder
+from tests.tiny_models import GREEK
 
-WORDS = [
-    "alpha",
-    "beta",
-    "gamma",
-    "delta",
-    "epsilon",
-    "zeta",
-    "eta",
-    "theta",
-    "iota",
-    "kappa",
-    "lambda",
-    "mu",
-    "nu",
-    "xi",
-    "omicron",
-    "pi",
-    "rho",
-    "sigma",
-]
+WORDS = GREEK
 
 
 def _groups(out) -> dict[str, dict]:

@@ -15,28 +15,9 @@ from lancer_dist.retrieval.encoder_io import EncoderSpec, load_encoder
 from lancer_dist.retrieval.search import search_store
 from lancer_dist.retrieval.store import CorpusFormatError, EmbeddingStore
 from lancer_dist.retrieval.tiny import write_beir, write_tiny_encoder
+from tests.tiny_models import GREEK
 
-WORDS = [
-    "alpha",
-    "beta",
-    "gamma",
-    "delta",
-    "epsilon",
-    "zeta",
-    "eta",
-    "theta",
-    "iota",
-    "kappa",
-    "lambda",
-    "mu",
-    "nu",
-    "xi",
-    "omicron",
-    "pi",
-    "rho",
-    "sigma",
-    "tau",
-]
+WORDS = GREEK
 
 
 def _corpus(n: int) -> dict[str, dict[str, str]]:

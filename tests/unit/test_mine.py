@@ -15,28 +15,9 @@ from lancer_dist.data.shards import check_group, load_shard, read_manifest, veri
 from lancer_dist.retrieval.encoder_io import EncoderSpec, load_encoder
 from lancer_dist.retrieval.mine import MineOptions, mine_hard_negatives
 from lancer_dist.retrieval.tiny import write_beir, write_tiny_encoder
+from tests.tiny_models import GREEK
 
-WORDS = [
-    "alpha",
-    "beta",
-    "gamma",
-    "delta",
-    "epsilon",
-    "zeta",
-    "eta",
-    "theta",
-    "iota",
-    "kappa",
-    "lambda",
-    "mu",
-    "nu",
-    "xi",
-    "omicron",
-    "pi",
-    "rho",
-    "sigma",
-    "tau",
-]
+WORDS = GREEK
 N_DOCS, N_QUERIES = 160, 8
 
 
