@@ -135,7 +135,17 @@ class ModelConfig:
     query_instruction_template: str = "Instruct: {instruction}\nQuery: "
     max_query_length: int = 64
     max_passage_length: int = 128
+    # Activation (gradient) checkpointing on the backbone(s), non-reentrant (use_reentrant=False): layer
+    # activations are recomputed in the backward pass instead of kept; same gradients, less memory, ~1/3 more compute.
     gradient_checkpointing: bool = False
+    # The attention kernel: sdpa (torch scaled_dot_product_attention; an architecture without it falls back to its
+    # own), eager (the architecture's plain matmul-softmax), or flash_attention_2 (needs the flash_attn package;
+    # loading the backbone without it is a ConfigError naming this field).
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # The dtype the backbone's weights are loaded / built in. Not mixed precision (that is train.precision): with
+    # bfloat16 / float16 the parameters, their gradients and the optimizer state are in that dtype (under DeepSpeed
+    # with train.precision bf16 / fp16 it keeps fp32 master weights itself). train.precision fp64 needs float32.
+    torch_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # Overrides the backbone's hidden and attention dropout (0.0 for exactness tests); None keeps the backbone's.
     dropout: float | None = None
     freeze_embeddings: bool = False
@@ -594,6 +604,13 @@ class RunConfig:
     def validate(self, p: str) -> None:
         _check(bool(self.name), f"{p}name", self.name, "a non-empty run name")
         _check(bool(self.output_dir), f"{p}output_dir", self.output_dir, "a non-empty output directory")
+        if self.train.precision == "fp64":
+            _check(
+                self.model.torch_dtype == "float32",
+                f"{p}model.torch_dtype",
+                self.model.torch_dtype,
+                "float32 with train.precision fp64 (the weights are cast to float64 from float32)",
+            )
         if self.loss.erasure_chunk:
             _check(
                 self.train.grad_cache_chunk_size == 0,

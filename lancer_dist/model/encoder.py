@@ -58,7 +58,8 @@ def _set_dropout(config: Any, p: float) -> None:
 
 
 def build_backbone(cfg: ModelConfig, subdir: str | None = None) -> Any:
-    """A transformers AutoModel: pretrained from ``cfg.name_or_path`` or random from ``cfg.backbone_config``."""
+    """A transformers AutoModel: pretrained from ``cfg.name_or_path`` or random from ``cfg.backbone_config``, in
+    ``cfg.torch_dtype`` with ``cfg.attn_implementation``."""
     from transformers import AutoConfig, AutoModel
 
     if cfg.backbone_config is not None:
@@ -67,7 +68,7 @@ def build_backbone(cfg: ModelConfig, subdir: str | None = None) -> Any:
         config = AutoConfig.for_model(model_type, **conf_dict)
         if cfg.dropout is not None:
             _set_dropout(config, cfg.dropout)
-        return _without_unused_pooler(lambda **kw: AutoModel.from_config(config, **kw), cfg.pooling)
+        return _build(lambda **kw: AutoModel.from_config(config, **kw), cfg)
     path = cfg.name_or_path if subdir is None else str(Path(cfg.name_or_path) / subdir)
     kwargs: dict[str, Any] = hub_kwargs(cfg.revision, cfg.cache_dir, cfg.trust_remote_code)
     with _names_field("model.name_or_path", cfg.name_or_path):
@@ -75,9 +76,7 @@ def build_backbone(cfg: ModelConfig, subdir: str | None = None) -> Any:
             config = AutoConfig.from_pretrained(path, **kwargs)
             _set_dropout(config, cfg.dropout)
             kwargs["config"] = config
-        return _without_unused_pooler(
-            lambda **kw: AutoModel.from_pretrained(path, **kwargs, **kw), cfg.pooling
-        )
+        return _build(lambda **kw: AutoModel.from_pretrained(path, **kwargs, **kw), cfg)
 
 
 @contextlib.contextmanager
@@ -93,19 +92,40 @@ def _names_field(field_name: str, value: str) -> Iterator[None]:
         ) from None
 
 
-def _without_unused_pooler(make: Any, pooling: str) -> Any:
-    """Build the backbone without its pooler layer unless pooling is 'pooler': parameters that get no gradient
-    would stall data-parallel gradient reduction (DDP buckets) and waste optimizer state. Attention is
-    ``torch.nn.functional.scaled_dot_product_attention`` (fused flash / memory-efficient kernels on GPU) where
-    the architecture supports it, else the architecture's own."""
+def check_attn_implementation(attn: str) -> None:
+    """flash_attention_2 needs the ``flash_attn`` package: without it, a ConfigError naming the field (transformers
+    would raise an ImportError, which must not be mistaken for an architecture without that kernel)."""
+    import importlib.util
+
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(
+            "model.attn_implementation",
+            attn,
+            "sdpa or eager: flash_attention_2 needs the flash_attn package, which is not installed here",
+        )
+
+
+def _build(make: Any, cfg: ModelConfig) -> Any:
+    """Build the backbone in ``cfg.torch_dtype`` with ``cfg.attn_implementation``, and without its pooler layer
+    unless pooling is 'pooler': parameters that get no gradient would stall data-parallel gradient reduction (DDP
+    buckets) and waste optimizer state. ``sdpa`` (the default: torch's fused flash / memory-efficient kernels on
+    GPU) falls back to the architecture's own attention where it has no SDPA implementation; an explicit eager or
+    flash_attention_2 is never replaced (an architecture without it raises)."""
+    check_attn_implementation(cfg.attn_implementation)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.torch_dtype]
 
     def build(**kw: Any) -> Any:
         try:
-            return make(attn_implementation="sdpa", **kw)
-        except (ValueError, ImportError):  # an architecture without an SDPA implementation
-            return make(**kw)
+            model = make(attn_implementation=cfg.attn_implementation, dtype=dtype, **kw)
+        except (ValueError, ImportError) as e:
+            if cfg.attn_implementation != "sdpa":
+                raise ConfigError(
+                    "model.attn_implementation", cfg.attn_implementation, f"supported ({e})"
+                ) from e
+            model = make(dtype=dtype, **kw)  # an architecture without an SDPA implementation
+        return model
 
-    if pooling == "pooler":
+    if cfg.pooling == "pooler":
         return build()
     try:
         return build(add_pooling_layer=False)

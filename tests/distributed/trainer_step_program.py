@@ -1,5 +1,5 @@
 """Run under torchrun (N ranks) or plainly (1 process): one real Trainer.train_step on the SAME global batch,
-split evenly over the ranks; rank 0 writes the parameters and metrics for the test to compare."""
+split evenly over the ranks; rank 0 writes the (gathered) parameters and metrics for the test to compare."""
 
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ def main(config: str, out: str) -> None:
     r, w = tr.rank, tr.world
     local = full.shard(r, w)
     metrics = tr.train_step(local)
+    # the full parameters: under DeepSpeed ZeRO-3 each rank holds a shard, gathered here (a collective: every rank)
+    state = tr.accelerator.get_state_dict(tr.model)
     if r == 0:
-        model = tr.accelerator.unwrap_model(tr.model)
+        names = [n for n, _ in tr.accelerator.unwrap_model(tr.model).named_parameters()]
         Path(out).mkdir(parents=True, exist_ok=True)
-        save_file(
-            {n: p.detach().contiguous() for n, p in model.named_parameters()}, f"{out}/params.safetensors"
-        )
+        save_file({n: state[n].detach().cpu().contiguous() for n in names}, f"{out}/params.safetensors")
         Path(out, "metrics.json").write_text(json.dumps(metrics))
     torch.distributed.barrier() if torch.distributed.is_initialized() else None
 
