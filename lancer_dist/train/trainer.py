@@ -229,6 +229,13 @@ class Trainer:
             model = model.double()
         optimizer = build_optimizer(model, cfg)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if cfg.train.precision == "fp64" and next(self.model.parameters()).dtype != torch.float64:
+            # DeepSpeed ZeRO-3 partitions the parameters as float32 whatever their dtype: the run is not fp64.
+            log.warning(
+                "train.precision=fp64: the prepared model holds %s parameters (DeepSpeed ZeRO-3 casts them); "
+                "the step runs in that precision, only the losses in float64",
+                next(self.model.parameters()).dtype,
+            )
         # Built on the prepared optimizer (ZeRO-3 regroups parameters), stepped by us, and checkpointed in
         # trainer_state.json (plain JSON: nothing is unpickled on resume).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
