@@ -385,7 +385,9 @@ class ProbeConfig:
 
     enabled: bool = True
     every: int = 50
-    # Held-out multilingual passages (a shard directory); defaults to the erasure data.
+    # Held-out multilingual passages: a shard directory or URL that the training stream never reads (e.g. the
+    # `probe/` of `lancer data bible`, or `lancer data passages OUT -i c4:DIR --split validation`). Empty: no probe
+    # (the erasure data would test the probe on passages the model trains on).
     path: str = ""
     train_per_language: int = 32
     test_per_language: int = 16
@@ -611,6 +613,13 @@ class RunConfig:
                 self.model.torch_dtype,
                 "float32 with train.precision fp64 (the weights are cast to float64 from float32)",
             )
+        if self.probe.enabled and self.probe.path and self.data.erasure.path:
+            _check(
+                _same_location(self.probe.path, self.data.erasure.path) is False,
+                f"{p}probe.path",
+                self.probe.path,
+                "held-out passages other than data.erasure.path (the probe would be tested on training passages)",
+            )
         if self.loss.erasure_chunk:
             _check(
                 self.train.grad_cache_chunk_size == 0,
@@ -625,6 +634,21 @@ class RunConfig:
                 self.loss.erasure_chunk,
                 "0 with train.strategy deepspeed (micro-batched erasure is implemented and tested for ddp only)",
             )
+
+
+def _same_location(a: str, b: str) -> bool:
+    """Whether two data locations name the same shard set (local paths resolved; URLs compared as strings)."""
+
+    def norm(x: str) -> str:
+        x = x.strip().removesuffix("/manifest.json").rstrip("/")
+        if "://" in x or x.startswith("pipe:"):
+            return x.removeprefix("file://") if x.startswith("file://") else x
+        return x
+
+    na, nb = norm(a), norm(b)
+    if "://" in na or "://" in nb or na.startswith("pipe:") or nb.startswith("pipe:"):
+        return na == nb
+    return Path(na).expanduser().resolve() == Path(nb).expanduser().resolve()
 
 
 # --------------------------------------------------------------------------------------------------------------

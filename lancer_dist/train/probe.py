@@ -259,11 +259,18 @@ def load_probe_pool(
 
 def build_probe(cfg: RunConfig, languages: Sequence[str] | None = None) -> LanguageProbe | None:
     """The trainer's language probe (None when ``probe.enabled`` is false or there is no data to probe on):
-    a balanced split of ``probe.path`` (default ``data.erasure.path``) over ``languages`` (default: the manifest's),
+    a balanced split of ``probe.path`` (held-out passages the training stream never reads; none: no probe) over ``languages`` (default: the manifest's),
     read through the checked shard reader (see the module docstring)."""
     pc = cfg.probe
-    path = pc.path or cfg.data.erasure.path
-    if not pc.enabled or not path:
+    path = pc.path
+    if not pc.enabled:
+        return None
+    if not path:
+        log.warning(
+            "language probe off: probe.path names no held-out passages (the erasure data would test it on passages "
+            "the model trains on); give a shard directory the training stream never reads, e.g. the probe/ of "
+            "`lancer data bible` or `lancer data passages OUT -i c4:DIR --split validation`"
+        )
         return None
     need = pc.train_per_language + pc.test_per_language
     pairs, langs, counter = load_probe_pool(

@@ -43,7 +43,8 @@ def _cfg(root: Path, **over: Any) -> RunConfig:
     items = {
         "model.backbone_config": {"model_type": "bert"},
         "model.tokenizer": "unused",
-        "data.erasure.path": str(root),
+        "data.erasure.path": str(root.parent / "training-passages"),
+        "probe.path": str(root),
         "probe.train_per_language": 4,
         "probe.test_per_language": 2,
         **over,
@@ -145,3 +146,22 @@ def test_reads_only_the_shards_it_needs_and_stays_bounded(tmp_path: Path, monkey
     lang_of = {s.name: next(iter(s.languages)) for s in m.shards}
     assert Counter(lang_of[n] for n in opened) == {"en": 3, "fr": 3}, opened
     assert len({t for t, _ in pairs}) == len(pairs)
+
+
+def test_no_held_out_set_means_no_probe_and_the_training_data_is_refused(tmp_path: Path, caplog: Any) -> None:
+    """The probe never tests on passages the training stream yields: without ``probe.path`` it is off (with a
+    warning saying why and what to give), and ``probe.path`` naming the erasure data is a ConfigError."""
+    import logging
+
+    from lancer_dist.config import ConfigError
+
+    root = _write(tmp_path / "d")
+    caplog.set_level(logging.WARNING)
+    assert build_probe(_cfg(root, **{"probe.path": ""}), None) is None
+    assert "language probe off" in caplog.text and "--split validation" in caplog.text
+    for same in (str(root), str(root) + "/", f"{root}/manifest.json", str(tmp_path / "x" / ".." / "d")):
+        with pytest.raises(ConfigError, match=r"probe\.path"):
+            _cfg(root, **{"data.erasure.path": str(root), "probe.path": same})
+    with pytest.raises(ConfigError, match=r"probe\.path"):
+        _cfg(root, **{"data.erasure.path": "http://127.0.0.1:1/d/", "probe.path": "http://127.0.0.1:1/d"})
+    assert build_probe(_cfg(root, **{"data.erasure.path": "http://127.0.0.1:1/d"}), None) is not None
