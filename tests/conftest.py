@@ -42,6 +42,8 @@ def _marked_processes(value: str) -> dict[int, str]:
                     continue
         except OSError:
             continue
+        if "multiprocessing.resource_tracker" in cmd:
+            continue  # this session's own helper: it ends with the session
         found[int(entry)] = cmd[:200]
     return found
 

@@ -5,7 +5,7 @@ the test (tests/servers.py), 1 CPU each, the Jobs API and the dashboard on 127.0
   1 CPU per worker no other placement exists) run N real trainer steps in float64 on the same global batches as
   one plain process on the full batch: the parameters agree to 1e-10, and Ray itself reports the two workers on
   two different nodes;
-* ``lancer submit ray`` training, DDP and DeepSpeed ZeRO-2: one Ray Train worker process is SIGKILLed after the
+* ``lancer submit ray`` training under DeepSpeed ZeRO-2: one Ray Train worker process is SIGKILLed after the
   first checkpoint; Ray Train restarts the worker group, the trainer resumes from the checkpoint, the job
   succeeds with the parameters of an uninterrupted run (torchrun, same world size) to 1e-6, and there is exactly
   one MLflow run, holding every step once.
@@ -153,7 +153,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+# DeepSpeed ZeRO-2 only: its resume (optimizer shards, DeepSpeed's own checkpoint) is the harder case, DDP under Ray
+# Train is covered by the fp64 2-node test above and DDP kill + resume by tests/integration/test_train.py (both ran
+# here once, 2026-12-01: 118 s for DDP, 169 s for ZeRO-2, under load).
+@pytest.mark.parametrize("strategy", ["deepspeed"])
 def test_worker_killed_group_restarts_and_resumes(
     ray_cluster: RayCluster, tmp_path, bible_data, e5_small_model_dir, strategy
 ):
