@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tests.integration.trainrun import (
     check,
     complete_checkpoints,
+    kill_group,
     run_group,
     run_train,
     start_group,
@@ -130,11 +131,10 @@ def test_sigkill_and_resume_gives_identical_parameters(tmp_path, bible_data, e5_
     try:
         _wait_for(kill_dir / "run/checkpoints", "step-00000002", 600, proc)
         time.sleep(1.0)  # somewhere in step 3 or 4
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, no chance to clean up
-        proc.wait()
+        kill_group(proc)  # torchrun and both ranks, no chance to clean up
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_group(proc)
     assert not (kill_dir / "run/final_model").exists()
     resumed = run_train(cfg, nproc=2)
     check(resumed)

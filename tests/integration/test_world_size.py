@@ -9,8 +9,6 @@ Global batch: 6 queries (groups of 2) and 3 passages of each of 4 languages per 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.integration.trainrun import REPO, check, run_group, start_group, torchrun_cmd
+from tests.integration.trainrun import REPO, check, kill_group, run_group, start_group, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -78,12 +76,10 @@ def _kill_after_checkpoint(cmd: list[str], ckpt: Path, timeout: float = 600) -> 
                 raise AssertionError(f"run ended before {ckpt} ({proc.returncode}):\n{err[-6000:]}")
             assert time.time() - t0 < timeout, f"no {ckpt} after {timeout}s"
             time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_group(proc)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_group(proc)
 
 
 # (nproc, num_workers) of the uninterrupted runs; nproc 0 = `lancer train` without torchrun. ZeRO-2 runs under

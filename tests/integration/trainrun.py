@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,35 @@ def start_group(cmd: list[str]) -> subprocess.Popen:
         text=True,
         start_new_session=True,
     )
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``, from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            out.append(int(entry))
+    return out
+
+
+def kill_group(proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """SIGKILL a process group started by :func:`start_group` (torchrun and its ranks: no chance to clean up) and
+    wait until none of its processes is left: a rank that outlives torchrun for a moment (in the middle of a disk
+    write) still holds the output directory's lock, and a resume started at once would be refused."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + timeout
+    while _group_members(proc.pid):
+        assert time.monotonic() < deadline, f"processes of group {proc.pid} still alive after SIGKILL"
+        time.sleep(0.05)
 
 
 def run_group(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
