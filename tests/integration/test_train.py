@@ -4,7 +4,6 @@ kill-and-resume, preemption, MLflow contents, gradient caching."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -173,7 +172,7 @@ def test_preemption_checkpoints_and_exits_for_requeue(tmp_path, bible_data, e5_s
         _out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_group(proc)
     # torchrun reports a failed worker group with its own exit code; each worker exits with 75
     assert f"exitcode  : {PREEMPTED_EXIT_CODE}" in err or proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
     ckpts = complete_checkpoints(tmp_path / "run/checkpoints")

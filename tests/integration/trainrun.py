@@ -130,32 +130,22 @@ def start_group(cmd: list[str]) -> subprocess.Popen:
     )
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of process group ``pgid``, from /proc."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            out.append(int(entry))
-    return out
-
-
 def kill_group(proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    """SIGKILL a process group started by :func:`start_group` (torchrun and its ranks: no chance to clean up) and
-    wait until none of its processes is left: a rank that outlives torchrun for a moment (in the middle of a disk
-    write) still holds the output directory's lock, and a resume started at once would be refused."""
+    """SIGKILL a run started by :func:`start_group` with every process under it (no chance to clean up), and wait
+    until none is left. torchrun starts each rank in its own session, so killing torchrun's process group alone
+    leaves the ranks running: they would go on training and keep the output directory's lock."""
+    from tests.servers import _alive, _descendants
+
+    pids = _descendants(proc.pid)  # before torchrun dies: its orphans are re-parented and lost from the tree
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + timeout
-    while _group_members(proc.pid):
-        assert time.monotonic() < deadline, f"processes of group {proc.pid} still alive after SIGKILL"
+    while any(_alive(p) for p in pids):
+        assert time.monotonic() < deadline, f"processes {[p for p in pids if _alive(p)]} alive after SIGKILL"
         time.sleep(0.05)
 
 
@@ -165,7 +155,7 @@ def run_group(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_group(proc)
         out, err = proc.communicate()
         raise AssertionError(f"timed out after {timeout}s: {cmd}\n--- stderr\n{err[-6000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
