@@ -33,17 +33,24 @@ GREEK = [
 ]
 
 
-def tiny_bert_config(dropout: float = 0.0, **fields: Any) -> ModelConfig:
-    """A 2-layer, 16-dim BERT bi-encoder config over ``VOCAB`` token ids (mean pooling, normalised)."""
+def tiny_bert_config(
+    dropout: float = 0.0,
+    *,
+    vocab_size: int = VOCAB,
+    hidden_size: int = 16,
+    max_length: int = 32,
+    **fields: Any,
+) -> ModelConfig:
+    """A 2-layer BERT bi-encoder config (default 16-dim over ``VOCAB`` token ids; mean pooling, normalised)."""
     return ModelConfig(
         backbone_config={
             "model_type": "bert",
-            "vocab_size": VOCAB,
-            "hidden_size": 16,
+            "vocab_size": vocab_size,
+            "hidden_size": hidden_size,
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
-            "intermediate_size": 32,
-            "max_position_embeddings": 32,
+            "intermediate_size": 2 * hidden_size,
+            "max_position_embeddings": max_length,
         },
         tokenizer="unused",
         pooling="mean",

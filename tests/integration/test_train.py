@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from tests.integration.trainrun import (
     check,
     complete_checkpoints,
     kill_group,
-    run_group,
+    one_trainer_step,
     run_train,
     start_group,
     torchrun_cmd,
@@ -38,11 +37,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def _one_step(tmp_path: Path, cfg: Path, nproc: int, name: str) -> tuple[dict, dict]:
-    out = tmp_path / name
-    prog = "tests.distributed.trainer_step_program"
-    cmd = [sys.executable, "-m", prog] if nproc == 1 else torchrun_cmd(nproc, module=prog)
-    check(run_group([*cmd, str(cfg), str(out)], 600))
-    return json.loads((out / "metrics.json").read_text()), load_file(str(out / "params.safetensors"))
+    return one_trainer_step(tmp_path / name, cfg, nproc)
 
 
 def test_ddp_two_ranks_equal_one_process_after_one_step(tmp_path, bible_data, e5_small_model_dir):

@@ -5,23 +5,17 @@ pooling, left padding, EOS appended) with and without LoRA: 2 ranks x B/2 == 1 p
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
-from tests.integration.trainrun import check, run_group, torchrun_cmd, write_config
+from tests.integration.trainrun import one_trainer_step, write_config
 
 pytestmark = pytest.mark.slow
 
 
 def _one_step(tmp_path: Path, cfg: Path, nproc: int, name: str) -> tuple[dict, dict]:
-    out = tmp_path / name
-    prog = "tests.distributed.trainer_step_program"
-    cmd = [sys.executable, "-m", prog] if nproc == 1 else torchrun_cmd(nproc, module=prog)
-    check(run_group([*cmd, str(cfg), str(out)], 600))
-    return json.loads((out / "metrics.json").read_text()), load_file(str(out / "params.safetensors"))
+    return one_trainer_step(tmp_path / name, cfg, nproc)
 
 
 @pytest.mark.parametrize("lora", [False, True])

@@ -193,3 +193,16 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
         for p in ckpt_dir.glob(f"{CKPT_PREFIX}*")
         if not p.name.endswith(".tmp") and (p / MANIFEST).is_file()
     )
+
+
+def one_trainer_step(out: Path, cfg: Path, nproc: int) -> tuple[dict, dict]:
+    """One ``Trainer.train_step`` on the config's first global batch (tests/distributed/trainer_step_program.py: each
+    of ``nproc`` ranks gets its ``TrainBatch.shard``): the step's metrics and the parameters after it."""
+    import json
+
+    from safetensors.torch import load_file
+
+    prog = "tests.distributed.trainer_step_program"
+    cmd = [sys.executable, "-m", prog] if nproc == 1 else torchrun_cmd(nproc, module=prog)
+    check(run_group([*cmd, str(cfg), str(out)], 600))
+    return json.loads((out / "metrics.json").read_text()), load_file(str(out / "params.safetensors"))

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from lancer_dist.config import ModelConfig
 from lancer_dist.data.collate import Collator, passage_text
 from lancer_dist.model import BiEncoder, prepare_tokenizer
 from lancer_dist.retrieval.encoder_io import EncoderSpec, load_encoder
 from lancer_dist.retrieval.store import plan_shards, read_corpus_range
+from tests.tiny_models import tiny_bert_config
 
 PASSAGES = [
     {"docid": "d1", "title": "Genesis", "text": "in the beginning god created the heaven and the earth"},
@@ -63,20 +63,10 @@ def test_training_and_evaluation_encode_a_passage_and_a_query_identically(
     tmp_path: Path, shared_towers: bool
 ):
     tok = _tokenizer()
-    cfg = ModelConfig(
-        backbone_config={
-            "model_type": "bert",
-            "vocab_size": len(tok),
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 64,
-            "max_position_embeddings": 64,
-        },
-        tokenizer="unused",
-        pooling="mean",
-        normalize=True,
-        dropout=0.0,
+    cfg = tiny_bert_config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        max_length=64,
         shared_towers=shared_towers,
         query_prefix="query: ",
         passage_prefix="passage: ",
