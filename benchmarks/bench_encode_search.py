@@ -33,6 +33,7 @@ def _corpus(n: int, words: int, seed: int = 0) -> dict[str, dict[str, str]]:
 def bench_encode(args: argparse.Namespace, work: Path) -> dict[str, float]:
     import ray
 
+    from lancer_dist.config import ModelConfig
     from lancer_dist.retrieval.encode import EncoderPool, encode_corpus_local
     from lancer_dist.retrieval.encoder_io import EncoderSpec, load_encoder
     from lancer_dist.retrieval.tiny import write_beir, write_tiny_encoder
@@ -48,7 +49,7 @@ def bench_encode(args: argparse.Namespace, work: Path) -> dict[str, float]:
             max_length=args.words + 8,
         )
     )
-    spec = EncoderSpec(model, max_passage_length=args.words + 8)
+    spec = EncoderSpec(model, ModelConfig(max_passage_length=args.words + 8))
     import torch
 
     torch.set_num_threads(1)

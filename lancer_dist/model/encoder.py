@@ -17,9 +17,6 @@ from torch import Tensor, nn
 
 from lancer_dist.config import ConfigError, ModelConfig
 from lancer_dist.model.hub import hub_kwargs
-from lancer_dist.model.lora import is_lora, lora_scaling, merge_lora_state_dict
-
-ENCODER_META = "lancer_encoder.json"
 
 
 def pool(
@@ -268,140 +265,18 @@ class BiEncoder(nn.Module):
         extra: dict | None = None,
         state_dict: dict[str, Tensor] | None = None,
     ) -> Path:
-        """Save as a transformers model directory that sentence-transformers can load (shared towers), or as
-        ``query/`` + ``passage/`` sub-directories (two towers). Pooling and normalisation are recorded both in
-        sentence-transformers' module files and in ``lancer_encoder.json``. ``state_dict`` (this module's keys)
-        replaces the parameters' own values: the full weights gathered from sharded (ZeRO-3) parameters."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        targets = (
-            [(out, self.query_backbone, "query_backbone.")]
-            if self.shared
-            else [
-                (out / "query", self.query_backbone, "query_backbone."),
-                (out / "passage", self.passage_backbone, "passage_backbone."),
-            ]
-        )
-        for d, bb, prefix in targets:
-            assert bb is not None
-            sub = None
-            if state_dict is not None:
-                sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-            if is_lora(bb):  # adapters merged: a plain transformers model of the base architecture
-                sub = merge_lora_state_dict(sub if sub is not None else bb.state_dict(), lora_scaling(bb))
-                bb = bb.get_base_model()
-            # a copy: transformers' save_pretrained empties the dict it is given
-            bb.save_pretrained(d, safe_serialization=True, state_dict=dict(sub) if sub is not None else None)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(d)
-            _write_sentence_transformers_modules(
-                d,
-                self.embedding_dim,
-                self.pooling,
-                self.normalize,
-                sub if sub is not None else bb.state_dict(),
-                self.prompts,
-                self.max_seq_length,
-            )
-        meta = {
-            "pooling": self.pooling,
-            "normalize": self.normalize,
-            "temperature": self.temperature,
-            "shared_towers": self.shared,
-            "prompts": self.prompts,
-            **(extra or {}),
-        }
-        (out / ENCODER_META).write_text(json.dumps(meta, indent=2))
-        return out
+        """Save to ``out_dir``: see :func:`lancer_dist.model.io.save_encoder` (the one owner of the format)."""
+        from lancer_dist.model.io import save_encoder
 
+        return save_encoder(self, out_dir, tokenizer, extra=extra, state_dict=state_dict)
 
-def _write_sentence_transformers_modules(
-    d: Path,
-    dim: int,
-    pooling: str,
-    normalize: bool,
-    weights: dict[str, Tensor],
-    prompts: dict[str, str],
-    max_seq_length: int,
-) -> None:
-    """sentence-transformers' module files: Transformer -> Pooling [-> Dense(tanh) for 'pooler'] [-> Normalize],
-    the query / passage prompts and the sequence length, so that ``SentenceTransformer(d)`` encodes as
-    :meth:`BiEncoder.encode` does. ``weights`` is the backbone's state dict (the pooler's dense layer is copied)."""
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
-    (d / "sentence_bert_config.json").write_text(
-        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}, indent=2)
-    )
-    pool_dir = d / "1_Pooling"
-    pool_dir.mkdir(exist_ok=True)
-    # LaBSE's pooler = the first token's state through dense + tanh: CLS pooling followed by a Dense module
-    mode = {"cls": "cls", "mean": "mean", "pooler": "cls", "last_token": "lasttoken"}[pooling]
-    # the long-standing key format (sentence-transformers 2.x to 6.x read it)
-    (pool_dir / "config.json").write_text(
-        json.dumps(
-            {
-                "word_embedding_dimension": dim,
-                "pooling_mode_cls_token": mode == "cls",
-                "pooling_mode_mean_tokens": mode == "mean",
-                "pooling_mode_max_tokens": False,
-                "pooling_mode_mean_sqrt_len_tokens": False,
-                "pooling_mode_weightedmean_tokens": False,
-                "pooling_mode_lasttoken": mode == "lasttoken",
-                "include_prompt": True,
-            },
-            indent=2,
-        )
-    )
-    modules.append(
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}
-    )
-    if pooling == "pooler":
-        from safetensors.torch import save_file
+    @classmethod
+    def from_pretrained(cls, path: str | Path, trust_remote_code: bool = False) -> BiEncoder:
+        """Load a directory written by :meth:`save_pretrained` (or a plain transformers model): see
+        :func:`lancer_dist.model.io.load_encoder_dir`."""
+        from lancer_dist.model.io import load_encoder_dir
 
-        w, b = weights.get("pooler.dense.weight"), weights.get("pooler.dense.bias")
-        if w is None or b is None:
-            raise ValueError("pooling 'pooler': the backbone has no pooler.dense layer to save")
-        dense_dir = d / "2_Dense"
-        dense_dir.mkdir(exist_ok=True)
-        (dense_dir / "config.json").write_text(
-            json.dumps(
-                {
-                    "in_features": int(w.shape[1]),
-                    "out_features": int(w.shape[0]),
-                    "bias": True,
-                    "activation_function": "torch.nn.modules.activation.Tanh",
-                },
-                indent=2,
-            )
-        )
-        save_file(
-            {"linear.weight": w.detach().cpu().contiguous(), "linear.bias": b.detach().cpu().contiguous()},
-            str(dense_dir / "model.safetensors"),
-        )
-        modules.append(
-            {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
-        )
-    if normalize:
-        n = len(modules)
-        modules.append(
-            {
-                "idx": n,
-                "name": str(n),
-                "path": f"{n}_Normalize",
-                "type": "sentence_transformers.models.Normalize",
-            }
-        )
-        (d / f"{n}_Normalize").mkdir(exist_ok=True)
-    (d / "modules.json").write_text(json.dumps(modules, indent=2))
-    (d / "config_sentence_transformers.json").write_text(
-        json.dumps(
-            {
-                "prompts": prompts,
-                "default_prompt_name": None,
-                "similarity_fn_name": "cosine" if normalize else "dot",
-            },
-            indent=2,
-        )
-    )
+        return load_encoder_dir(path, trust_remote_code=trust_remote_code)[0]
 
 
 def prepare_tokenizer(tokenizer: Any, pooling: str) -> Any:

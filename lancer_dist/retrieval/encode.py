@@ -65,11 +65,11 @@ def encode_shard(
 class EncodeWorker:
     """The Ray actor body (wrapped with ``ray.remote`` at run time, with the job's resources)."""
 
-    def __init__(self, spec: dict[str, Any], num_threads: int, device: str | None):
+    def __init__(self, spec: EncoderSpec, num_threads: int, device: str | None):
         import torch
 
         torch.set_num_threads(max(1, num_threads))
-        self.encoder = load_encoder(EncoderSpec(**spec), device)
+        self.encoder = load_encoder(spec, device)
 
     def pid(self) -> int:
         return os.getpid()
@@ -269,7 +269,7 @@ class EncoderPool:
 
     def _create(self, slot: int) -> None:
         device = "cuda" if self.gpus_per_worker > 0 else "cpu"
-        self.actors[slot] = self._remote.remote(self.spec.to_dict(), self.cpus_per_worker, device)
+        self.actors[slot] = self._remote.remote(self.spec, self.cpus_per_worker, device)
 
     def _wait_ready(self, slots: list[int]) -> None:
         import ray

@@ -1,80 +1,84 @@
-"""Load a saved encoder directory and encode texts to numpy.
+"""Encode texts to numpy with a saved encoder, through the training collator (one text rule).
 
-A directory written by :meth:`lancer_dist.model.BiEncoder.save_pretrained` carries ``lancer_encoder.json`` (pooling,
-normalisation, two towers, query / passage prompts); a plain transformers model directory falls back to mean pooling
-+ L2 normalisation (the E5 / Contriever convention). Prefixes (``"query: "`` / ``"passage: "`` for E5, a rendered
-instruction for decoder queries) come from the run config, or, when the spec leaves them ``None``, from the prompts
-saved with the model. Texts are tokenised by the training :class:`~lancer_dist.data.collate.Collator` (one text rule).
+The directory is read by :func:`lancer_dist.model.io.load_encoder_dir` (the one owner of the saved format, beside
+:func:`~lancer_dist.model.io.save_encoder`). What this module adds is evaluation's side: an :class:`EncoderSpec` that
+a Ray worker can rebuild the encoder from, and :class:`LoadedEncoder`, which tokenises through
+:class:`~lancer_dist.data.collate.Collator` and returns float32 arrays. Prefixes (``"query: "`` / ``"passage: "`` for
+E5, a rendered instruction for decoder queries) and lengths come from the run's :class:`~lancer_dist.config.ModelConfig`,
+or, when the spec carries none, from the prompts saved with the model.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from lancer_dist.config import ModelConfig
 
 __all__ = ["EncoderSpec", "LoadedEncoder", "load_encoder"]
 
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """Everything a (remote) worker needs to rebuild the encoder: small, picklable, JSON-able."""
+    """Everything a (remote) worker needs to rebuild the encoder: the weights' directory and the run's model section
+    (small and picklable; a Ray actor receives the spec itself).
+
+    ``model`` supplies the text side: ``query_text_prefix`` / ``passage_prefix``, ``max_query_length`` /
+    ``max_passage_length`` and ``trust_remote_code``. ``None``: the prompts saved with the model and
+    :class:`ModelConfig`'s default lengths. The weights, architecture, pooling and tokenizer always come from ``path``
+    (``model.name_or_path`` / ``model.tokenizer`` are the training run's inputs, not this encoder's).
+    """
 
     path: str
-    # None: the prompts saved with the model (lancer_encoder.json), else none
-    query_prefix: str | None = None
-    passage_prefix: str | None = None
-    max_query_length: int = 64
-    max_passage_length: int = 128
-    tokenizer: str | None = None  # default: the model directory (or its query/ tower)
-    # run code shipped with the model directory (a hub snapshot of a custom architecture); off unless configured
-    trust_remote_code: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    model: ModelConfig | None = None
 
     @staticmethod
-    def from_model_config(path: str, model_cfg: Any) -> EncoderSpec:
-        """Prefixes and lengths from a :class:`lancer_dist.config.ModelConfig`; weights from ``path``."""
-        return EncoderSpec(
-            path=str(path),
-            query_prefix=model_cfg.query_text_prefix,
-            passage_prefix=model_cfg.passage_prefix,
-            max_query_length=model_cfg.max_query_length,
-            max_passage_length=model_cfg.max_passage_length,
-            trust_remote_code=model_cfg.trust_remote_code,
-        )
+    def from_model_config(path: str, model_cfg: ModelConfig) -> EncoderSpec:
+        """The encoder saved at ``path``, encoding texts as the run ``model_cfg`` trained on them."""
+        return EncoderSpec(path=str(path), model=model_cfg)
+
+    def prefixes(self, saved: dict[str, str] | None = None) -> tuple[str, str]:
+        """(query prefix, passage prefix): the config's, or the ``saved`` prompts when the spec has no config."""
+        if self.model is None:
+            saved = saved or {}
+            return saved.get("query", ""), saved.get("passage", "")
+        return self.model.query_text_prefix, self.model.passage_prefix
+
+    def to_dict(self) -> dict[str, Any]:
+        """What an encoding job records in its manifest (a resume with another spec is refused): JSON-able."""
+        m = self.model or ModelConfig()
+        q, p = self.prefixes() if self.model is not None else (None, None)
+        return {
+            "path": self.path,
+            "query_prefix": q,
+            "passage_prefix": p,
+            "max_query_length": m.max_query_length,
+            "max_passage_length": m.max_passage_length,
+            "tokenizer": None,
+            "trust_remote_code": m.trust_remote_code,
+        }
 
 
 class LoadedEncoder:
     """A :class:`BiEncoder` in eval mode + its tokenizer; :meth:`encode` returns float32 [N, D] numpy arrays."""
 
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        spec: EncoderSpec,
-        device: str = "cpu",
-        prompts: dict[str, str] | None = None,
-    ):
+    def __init__(self, model: Any, tokenizer: Any, spec: EncoderSpec, device: str = "cpu"):
         from lancer_dist.data.collate import Collator
 
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
         self.device = device
-        saved = prompts or {}
+        m = spec.model or ModelConfig()
+        query_prefix, passage_prefix = spec.prefixes(model.prompts)
         self.collator = Collator(
             tokenizer,
-            query_prefix=spec.query_prefix if spec.query_prefix is not None else saved.get("query", ""),
-            passage_prefix=spec.passage_prefix
-            if spec.passage_prefix is not None
-            else saved.get("passage", ""),
-            max_query_length=spec.max_query_length,
-            max_passage_length=spec.max_passage_length,
+            query_prefix=query_prefix,
+            passage_prefix=passage_prefix,
+            max_query_length=m.max_query_length,
+            max_passage_length=m.max_passage_length,
         )
 
     @property
@@ -99,48 +103,14 @@ class LoadedEncoder:
         return out
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
-    from lancer_dist.model.encoder import ENCODER_META
-
-    meta_file = path / ENCODER_META
-    if meta_file.is_file():
-        try:
-            return dict(json.loads(meta_file.read_text()))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{meta_file}: not valid JSON ({e})") from e
-    # A plain transformers directory: mean pooling + normalisation (E5, Contriever).
-    return {"pooling": "mean", "normalize": True, "temperature": 1.0, "shared_towers": True}
-
-
 def load_encoder(spec: EncoderSpec, device: str | None = None) -> LoadedEncoder:
-    """Load the encoder directory ``spec.path`` (see the module docstring) on ``device`` (default: cuda if any)."""
+    """Load the encoder directory ``spec.path`` on ``device`` (default: cuda if any) for encoding."""
     import torch
-    from transformers import AutoTokenizer
 
-    from lancer_dist.config import ModelConfig
-    from lancer_dist.model import BiEncoder, prepare_tokenizer
+    from lancer_dist.model.io import load_encoder_dir
 
-    path = Path(spec.path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"encoder directory {path} does not exist")
-    meta = _read_meta(path)
-    cfg = ModelConfig(
-        name_or_path=str(path),
-        pooling=meta.get("pooling", "mean"),
-        normalize=bool(meta.get("normalize", True)),
-        temperature=float(meta.get("temperature", 1.0)),
-        shared_towers=bool(meta.get("shared_towers", True)),
-        dropout=0.0,
-        trust_remote_code=spec.trust_remote_code,
-        # kept on the model, so that saving it again keeps its prompts
-        query_prefix=str((meta.get("prompts") or {}).get("query", "")),
-        passage_prefix=str((meta.get("prompts") or {}).get("passage", "")),
-    )
-    model = BiEncoder.from_config(cfg)
-    tok_dir = spec.tokenizer or (str(path / "query") if (path / "query").is_dir() else str(path))
-    tokenizer = prepare_tokenizer(
-        AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=spec.trust_remote_code), cfg.pooling
-    )
+    trust = spec.model.trust_remote_code if spec.model is not None else False
+    model, tokenizer = load_encoder_dir(spec.path, trust_remote_code=trust)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(dev).eval()
-    return LoadedEncoder(model, tokenizer, spec, dev, prompts=meta.get("prompts"))
+    return LoadedEncoder(model, tokenizer, spec, dev)

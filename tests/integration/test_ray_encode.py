@@ -10,6 +10,7 @@ import signal
 import numpy as np
 import pytest
 
+from lancer_dist.config import ModelConfig
 from lancer_dist.retrieval.encode import EncoderPool, encode_corpus_local
 from lancer_dist.retrieval.encoder_io import EncoderSpec, load_encoder
 from lancer_dist.retrieval.search import search_store
@@ -37,7 +38,9 @@ def setup(tmp_path_factory, ray_env):
     corpus = _corpus(120)
     write_beir(root / "coll", corpus, {"q1": {"text": "alpha beta", "lang": "en"}}, {"q1": {"d000": 1}})
     model = write_tiny_encoder(root / "model", [d["text"] for d in corpus.values()] + ["alpha beta"])
-    spec = EncoderSpec(str(model), query_prefix="query: ", passage_prefix="passage: ", max_passage_length=32)
+    spec = EncoderSpec(
+        str(model), ModelConfig(query_prefix="query: ", passage_prefix="passage: ", max_passage_length=32)
+    )
     ref = load_encoder(spec, "cpu").encode([d["text"] for d in corpus.values()], is_query=False)
     with EncoderPool(spec, num_workers=2) as pool:  # one pool (2 actors, model loaded once each) per module
         yield root, corpus, spec, ref, pool

@@ -252,8 +252,17 @@ def test_saved_model_loads_in_sentence_transformers_with_same_embeddings(tmp_pat
     if pooling == "last_token":
         kw["query_instruction"] = INSTRUCTION
     out, _ = _save(tmp_path, model_type, pooling, **kw)
-    ours = load_encoder(EncoderSpec(str(out), max_query_length=128, max_passage_length=128), device="cpu")
-    # the saved tokenizer reads texts as the one that was saved (prompts come from the saved directory)
+    # lengths beyond the default 64 (an instruction plus a query of a character-level tokenizer), the run's prompts
+    ours = load_encoder(
+        EncoderSpec(str(out), ModelConfig(**kw, max_query_length=128, max_passage_length=128)), "cpu"
+    )
+    # a spec without a run config encodes with the prompts saved with the model: the same ones
+    saved = load_encoder(EncoderSpec(str(out)), device="cpu").collator
+    assert (saved.query_prefix, saved.passage_prefix) == (
+        ours.collator.query_prefix,
+        ours.collator.passage_prefix,
+    )
+    # the saved tokenizer reads texts as the one that was saved
     original = prepare_tokenizer(_tokenizer_for(model_type), pooling)
     for t in TEXTS:
         assert ours.tokenizer(t)["input_ids"] == original(t)["input_ids"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lancer_dist.config import ConfigError
+from lancer_dist.config import ConfigError, ModelConfig
 from lancer_dist.model.hub import looks_like_hub_id, resolve_model_dir
 from tests.unit.test_backbones import _save
 
@@ -55,7 +55,7 @@ for rev in ("main", "v2"):
         train_emb = model.encode(ids, mask).numpy()
     # evaluation path: the hub id resolved to its snapshot, loaded like any encoder directory
     snap = resolve_model_dir(repo, "eval.model", revision=rev, cache_dir=cache)
-    eval_emb = load_encoder(EncoderSpec(str(snap), passage_prefix=""), device="cpu").encode(texts, is_query=False)
+    eval_emb = load_encoder(EncoderSpec(str(snap), ModelConfig()), device="cpu").encode(texts, is_query=False)
     out[rev] = {"snapshot": str(snap), "train": train_emb.tolist(), "eval": eval_emb.tolist()}
 try:
     resolve_model_dir("lancer-test/not-cached", "eval.model", cache_dir=cache)
@@ -86,7 +86,7 @@ def test_hub_ids_load_from_a_hub_cache_at_the_given_revision(tmp_path):
         # the weights in that snapshot, loaded by path in this process, give the same embeddings
         from lancer_dist.retrieval.encoder_io import EncoderSpec, load_encoder
 
-        local = load_encoder(EncoderSpec(res[rev]["snapshot"], passage_prefix=""), device="cpu")
+        local = load_encoder(EncoderSpec(res[rev]["snapshot"], ModelConfig()), device="cpu")
         ref = local.encode(["the cat sat on the mat", "a dog"], is_query=False)
         assert np.abs(np.array(res[rev]["train"]) - ref).max() < 1e-5
         assert np.abs(np.array(res[rev]["eval"]) - ref).max() < 1e-5

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lancer_dist.config import ModelConfig
 from lancer_dist.data.shards import check_group, load_shard, read_manifest, verify_shards
 from lancer_dist.retrieval.encoder_io import EncoderSpec, load_encoder
 from lancer_dist.retrieval.mine import MineOptions, mine_hard_negatives
@@ -33,7 +34,9 @@ def coll(tmp_path_factory):
     queries = _texts(N_QUERIES, 1, 2, 5)
     ids = [f"d{i:03d}" for i in range(N_DOCS)]
     model = write_tiny_encoder(root / "model", docs + queries)
-    spec = EncoderSpec(str(model), query_prefix="query: ", passage_prefix="passage: ", max_passage_length=32)
+    spec = EncoderSpec(
+        str(model), ModelConfig(query_prefix="query: ", passage_prefix="passage: ", max_passage_length=32)
+    )
     enc = load_encoder(spec, "cpu")
     p_ND = enc.encode(docs, is_query=False).astype(np.float64)
     q_QD = enc.encode(queries, is_query=True).astype(np.float64)
@@ -181,7 +184,7 @@ def test_cli_without_ray_writes_the_reference_groups(coll, tmp_path, capsys):
     from lancer_dist.cli import main
 
     # The CLI builds its EncoderSpec from the config (no prefixes by default): the reference is mined likewise.
-    spec = EncoderSpec(str(coll["spec"].path), query_prefix="", passage_prefix="")
+    spec = EncoderSpec(str(coll["spec"].path), ModelConfig())
     args = [
         "--rank-min",
         "3",
