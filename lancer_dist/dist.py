@@ -92,7 +92,7 @@ def barrier() -> None:
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:
-    """An ephemeral TCP port free at the time of the call (for rendezvous in tests and launchers)."""
+    """An ephemeral TCP port free at the time of the call (for rendezvous in tests and cluster front-ends)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

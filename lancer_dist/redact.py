@@ -10,7 +10,7 @@ A secret is
 
 ``redact(text)`` replaces all of them by ``***``; ``redact_uri(uri)`` only the URI parts; ``redact_mapping(d)``
 walks a (nested) mapping, blanking values under secret keys and redacting every string. The trainer's tracking
-module calls ``redact_mapping`` on params and ``redact`` on logged text; the launchers call them on everything they
+module calls ``redact_mapping`` on params and ``redact`` on logged text; the cluster front-ends call them on everything they
 print or write.
 """
 

@@ -5,6 +5,9 @@ lancer submit slurm --config FILE --nodes N --gpus-per-node G [--partition P] [-
 lancer submit ray --address http://HEAD:8265 --config FILE [--verb train|encode|eval] [--workers N]
                   [--cpus-per-worker C] [--gpus-per-worker G] [--wait] [key=value ...]
 lancer submit ray status|logs|stop JOB_ID --address http://HEAD:8265
+
+:func:`main` is the installed ``lancer`` program: the library's verbs (:mod:`lancer_dist.cli`) plus ``submit``. It
+lives here because the launchers depend on the library and the library never imports the launchers.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import re
 import sys
 from pathlib import Path
 
+from lancer_dist import cli as library_cli
 from lancer_dist.redact import redact, redact_uri
 
 RAY_ACTIONS = ("status", "logs", "stop")
@@ -201,3 +205,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--dry-run", action="store_true", help="print the entrypoint and submit nothing")
     r.add_argument("overrides", nargs="*", help="key=value overrides, or: status|logs|stop JOB_ID")
     r.set_defaults(func=_ray)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lancer <verb>``: every library verb and ``submit`` (``python -m launchers.cli`` runs the same)."""
+    return library_cli.main(argv, (*library_cli.VERB_MODULES, "launchers.cli"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

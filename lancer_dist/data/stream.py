@@ -637,7 +637,7 @@ def _load(path: str, kind: str, fld: str) -> Manifest:
 def check_world_size(cfg: RunConfig, world_size: int) -> None:
     """The settings that must divide among ``world_size`` ranks for the global batch to be independent of it.
 
-    Raises a :class:`ConfigError` naming the field; cheap (reads at most the erasure manifest), so launchers and
+    Raises a :class:`ConfigError` naming the field; cheap (reads at most the erasure manifest), so cluster front-ends and
     ``lancer train`` call it before any process group starts."""
     d = cfg.data
     if d.retrieval.path and d.retrieval.queries_per_step % world_size:

@@ -36,7 +36,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
 
 def _lancer(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lancer_dist.cli", *args],
+        [sys.executable, "-m", "launchers.cli", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -170,7 +170,7 @@ def check(proc: subprocess.CompletedProcess, code: int = 0) -> None:
 def submit_slurm(args: list[str], env: dict[str, str]) -> tuple[dict[str, int], str]:
     """``lancer submit slurm ARGS``: the job ids it printed (``{"train": id, "eval": id, ...}``) and its stdout."""
     r = subprocess.run(
-        [sys.executable, "-m", "lancer_dist.cli", "submit", "slurm", *args],
+        [sys.executable, "-m", "launchers.cli", "submit", "slurm", *args],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -156,7 +156,7 @@ def test_invalid_submission_names_the_argument(kwargs: dict, arg: str):
 
 def _lancer(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lancer_dist.cli", *args],
+        [sys.executable, "-m", "launchers.cli", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -252,6 +252,36 @@ def test_ray_job_validation(tmp_path: Path):
 def test_cli_help_lists_submit():
     r = _lancer("submit", "--help")
     assert r.returncode == 0 and re.search(r"slurm", r.stdout) and re.search(r"ray", r.stdout)
+
+
+def test_the_library_never_imports_the_launchers():
+    """The dependency goes one way: launchers -> lancer_dist. The ``lancer`` program with ``submit`` is composed by
+    ``launchers.cli.main`` (the installed entry point); ``python -m lancer_dist.cli`` has the library's verbs only."""
+    import ast
+
+    for f in (REPO / "lancer_dist").rglob("*.py"):
+        tree = ast.parse(f.read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        strings = [
+            n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+        ]
+        assert not any(n.split(".")[0] == "launchers" for n in names), f  # no import
+        assert not any(s.split(".")[0] == "launchers" for s in strings), f  # no importlib by name
+    import tomllib
+
+    entry = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["lancer"]
+    assert entry == "launchers.cli:main"
+    library = subprocess.run(
+        [sys.executable, "-m", "lancer_dist.cli", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert library.returncode == 0 and "train" in library.stdout and "submit" not in library.stdout
+    full = _lancer("--help")
+    assert full.returncode == 0 and "train" in full.stdout and "submit" in full.stdout
 
 
 def test_zero_memory_matches_the_zero_paper():

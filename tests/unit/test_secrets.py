@@ -170,7 +170,7 @@ def test_cli_error_does_not_echo_the_secret():
         [
             sys.executable,
             "-m",
-            "lancer_dist.cli",
+            "launchers.cli",
             "submit",
             "slurm",
             "--config",
