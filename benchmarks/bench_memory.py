@@ -9,7 +9,7 @@ Run (the offline backbone and the test Bible data must be built, e.g. by the tes
 Prints one row per setting: parameters (all / trainable), and per rank the RSS after the imports (before the model
 is built), the peak RSS (VmHWM, /proc/self/status) after the steps, and their difference (what the run added on
 top of the Python + torch + DeepSpeed baseline). A measurement of these tiny models on this machine, nothing else:
-real sizes are the estimates of ``python -m launchers.scaling``.
+real sizes are the estimates of ``python -m lancer_dist.train.memory``.
 """
 
 from __future__ import annotations

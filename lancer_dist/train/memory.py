@@ -1,6 +1,7 @@
-"""Back-of-the-envelope GPU memory for LANCER training: which ZeRO stage for which backbone and world size.
+"""Back-of-the-envelope GPU memory for LANCER training: which ``train.strategy`` (ZeRO stage) for which backbone and
+world size. Pure arithmetic, no torch: the planning side of :mod:`lancer_dist.train.parallel`.
 
-``python -m launchers.scaling`` prints the table of docs/cluster.md. Estimates, not measurements:
+``python -m lancer_dist.train.memory`` prints the scaling-guide table of docs/cluster.md. Estimates, not measurements:
 
 * model states (Rajbhandari et al. 2020, ZeRO): mixed-precision AdamW holds 2 B (bf16 weights) + 2 B (bf16 grads)
   + 12 B (fp32 master weights, m, v) per parameter. ZeRO-1 shards the 12 B over the N data-parallel ranks, ZeRO-2
