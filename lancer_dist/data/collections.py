@@ -32,12 +32,12 @@ import json
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from lancer_dist.data.errors import DataError, decoded_lines
+from lancer_dist.data.errors import DataError, iter_jsonl
 
 __all__ = [
     "FORMATS",
@@ -160,24 +160,43 @@ class Collection:
 
     def write_beir(self, out_dir: PathLike, split: str = "test") -> Path:
         """Write the BEIR layout (``lang`` is added to corpus and query lines when known)."""
-        out = Path(out_dir)
-        (out / "qrels").mkdir(parents=True, exist_ok=True)
-        with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
-            for did, d in self.corpus.items():
-                row = {"_id": did, "title": d.get("title", ""), "text": d["text"]}
-                if d.get("lang") is not None:
-                    row["lang"] = d["lang"]
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        with open(out / "queries.jsonl", "w", encoding="utf-8") as f:
-            for qid, q in self.queries.items():
-                row = {"_id": qid, **{k: v for k, v in q.items() if v is not None}}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        with open(out / "qrels" / f"{split}.tsv", "w", encoding="utf-8") as f:
-            f.write("query-id\tcorpus-id\tscore\n")
-            for qid, docs in self.qrels.items():
-                for did, rel in docs.items():
-                    f.write(f"{qid}\t{did}\t{rel}\n")
-        return out
+        corpus = (
+            {"_id": did, "title": d.get("title", ""), "text": d["text"]}
+            | ({"lang": d["lang"]} if d.get("lang") is not None else {})
+            for did, d in self.corpus.items()
+        )
+        queries = (
+            {"_id": qid, **{k: v for k, v in q.items() if v is not None}} for qid, q in self.queries.items()
+        )
+        qrels = ((qid, did, rel) for qid, docs in self.qrels.items() for did, rel in docs.items())
+        write_beir(out_dir, corpus, queries, qrels, split)
+        return Path(out_dir)
+
+
+def write_beir(
+    out_dir: PathLike,
+    corpus: Iterable[Mapping[str, Any]],
+    queries: Iterable[Mapping[str, Any]],
+    qrels: Iterable[tuple[str, str, int]],
+    split: str = "test",
+) -> dict[str, int]:
+    """THE BEIR writer: ``corpus.jsonl`` and ``queries.jsonl`` (each row written as given: a JSON object with
+    ``_id``), ``qrels/<split>.tsv`` (``query-id corpus-id score`` with a header line). Rows are streamed; returns
+    how many corpus, query and qrels lines were written."""
+    out = Path(out_dir)
+    (out / "qrels").mkdir(parents=True, exist_ok=True)
+    n = {"corpus": 0, "queries": 0, "qrels": 0}
+    for name, rows in (("corpus", corpus), ("queries", queries)):
+        with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
+                n[name] += 1
+    with open(out / "qrels" / f"{split}.tsv", "w", encoding="utf-8") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        for qid, did, rel in qrels:
+            f.write(f"{qid}\t{did}\t{int(rel)}\n")
+            n["qrels"] += 1
+    return n
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -203,15 +222,6 @@ def _open_text(path: PathLike, encoding: str = "utf-8") -> IO[str]:
     return open(p, encoding=encoding, newline="")
 
 
-def _open_binary(path: PathLike) -> IO[bytes]:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(p, None, "<file>", "no such file", "missing_file")
-    if p.suffix == ".gz":
-        return gzip.open(p, "rb")  # type: ignore[return-value]
-    return open(p, "rb")
-
-
 def _read_text(path: PathLike, encoding: str = "utf-8") -> str:
     try:
         with _open_text(path, encoding) as f:
@@ -220,24 +230,6 @@ def _read_text(path: PathLike, encoding: str = "utf-8") -> str:
         raise DataError(
             path, None, "<file>", f"not valid {encoding} ({e}); pass the file's encoding", "encoding"
         ) from e
-
-
-def _iter_jsonl(path: PathLike, encoding: str = "utf-8") -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield (``"line N"``, object) for the non-blank lines of a jsonl file (bytes that are not ``encoding``: a
-    DataError naming file, line and byte offset)."""
-    with _open_binary(path) as f:
-        for n, line in decoded_lines(f, path, encoding):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, f"line {n}", "<json>", f"invalid JSON: {e.msg}", "bad_json") from e
-            if not isinstance(obj, dict):
-                raise DataError(
-                    path, f"line {n}", "<json>", f"expected an object, got {type(obj).__name__}", "not_object"
-                )
-            yield f"line {n}", obj
 
 
 def _req(where: str, key: str, obj: Mapping[str, Any], *names: str) -> Any:
@@ -293,7 +285,7 @@ def read_beir(path: PathLike, split: str = "test", lang: str | None = None) -> C
     """Read a BEIR directory. ``lang`` is the default language for lines without a ``lang`` field."""
     root = Path(path)
     coll = Collection(name=root.name)
-    for key, obj in _iter_jsonl(root / "corpus.jsonl"):
+    for key, obj in iter_jsonl(root / "corpus.jsonl"):
         where = str(root / "corpus.jsonl")
         coll.add_doc(
             where,
@@ -303,7 +295,7 @@ def read_beir(path: PathLike, split: str = "test", lang: str | None = None) -> C
             obj.get("title", ""),
             _lang(where, key, obj, lang),
         )
-    for key, obj in _iter_jsonl(root / "queries.jsonl"):
+    for key, obj in iter_jsonl(root / "queries.jsonl"):
         where = str(root / "queries.jsonl")
         extra = {k: v for k, v in obj.items() if k not in ("_id", "text", "lang", "metadata")}
         coll.add_query(
@@ -621,7 +613,7 @@ def _norm_tokens(text: str) -> str:
 def _read_passages(coll: Collection, path: Path, lang: str | None) -> None:
     """DPR passages: tsv ``id<TAB>text<TAB>title`` (header optional) or jsonl (``id``/``_id``/``docid``)."""
     if path.suffix in (".jsonl", ".json") or path.name.endswith(".jsonl.gz"):
-        for key, obj in _iter_jsonl(path):
+        for key, obj in iter_jsonl(path):
             coll.add_doc(
                 str(path),
                 key,
@@ -661,7 +653,7 @@ def read_xor_retrieve(
     for path in _expand(passages):
         _read_passages(coll, path, passages_lang)
     need_match: dict[str, list[str]] = {}
-    for key, obj in _iter_jsonl(questions):
+    for key, obj in iter_jsonl(questions):
         where = str(questions)
         answers = obj.get("answers", [])
         if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
@@ -718,7 +710,7 @@ def read_miracl(
                 raise DataError(topics, f"line {n}", "query", "expected 'qid<TAB>query'", "bad_topics")
             coll.add_query(str(topics), f"line {n}", parts[0], "\t".join(parts[1:]), lang, text_field="query")
     for path in _expand(corpus, "*.jsonl*"):
-        for key, obj in _iter_jsonl(path):
+        for key, obj in iter_jsonl(path):
             coll.add_doc(
                 str(path),
                 key,
@@ -750,7 +742,7 @@ def read_xtreme_up(
     about one passage); gold passages missing from the index are added from the query lines."""
     coll = Collection(name="xtreme-up")
     for path in _expand(index or [], "*.jsonl*"):
-        for key, obj in _iter_jsonl(path):
+        for key, obj in iter_jsonl(path):
             coll.add_doc(
                 str(path),
                 key,
@@ -763,7 +755,7 @@ def read_xtreme_up(
     counter: Counter[str] = Counter()
     for path in _expand(queries, "*.jsonl*"):
         qlang = lang or path.name.split(".")[0]
-        for key, obj in _iter_jsonl(path):
+        for key, obj in iter_jsonl(path):
             where = str(path)
             did = _id(where, key, _req(where, key, obj, "id"), "id")
             context = _req(where, key, obj, "context")

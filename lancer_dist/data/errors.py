@@ -1,18 +1,23 @@
-"""Errors and skip counters for bad data.
+"""Errors and skip counters for bad data, and the line readers that raise them.
 
-Every problem with input data is raised as :class:`DataError`, which names where it happened (file or shard, record
-key, field). When a config asks to skip bad records, the same :class:`DataError` is handed to a
-:class:`SkipCounter` instead: it is counted under its reason and logged, never dropped silently.
+Every problem with input data is raised as :class:`DataError` (or a subclass: evaluation's corpus and TREC readers
+raise :class:`LineFormatError`), which names where it happened (file or shard, record key, field). When a config asks
+to skip bad records, the same :class:`DataError` is handed to a :class:`SkipCounter` instead: it is counted under
+its reason and logged, never dropped silently. :func:`iter_jsonl` is the one JSONL reader of training sources,
+evaluation collections and mining.
 """
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO, Any
 
-__all__ = ["DataError", "SkipCounter", "decoded_lines"]
+__all__ = ["DataError", "LineFormatError", "SkipCounter", "decoded_lines", "iter_jsonl", "open_binary"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,15 @@ class DataError(ValueError):
             return
         rec = f"record {key!r}" if key is not None else "(no record)"
         super().__init__(f"{self.where}: {rec} field {field!r}: {message}")
+
+
+class LineFormatError(DataError):
+    """A bad line of a line-oriented file (a corpus or TREC run / qrels line): record ``line N``, the field, the
+    problem. ``path`` and ``line_no`` are kept for callers that point at the line."""
+
+    def __init__(self, path: str | Path, line_no: int, field: str, problem: str, reason: str = "bad_line"):
+        super().__init__(path, f"line {line_no}", field, problem, reason)
+        self.path, self.line_no = str(path), line_no
 
 
 class SkipCounter:
@@ -93,3 +107,39 @@ def decoded_lines(
             ) from e
         offset += len(raw)
         yield lineno, text
+
+
+def open_binary(path: str | Path) -> IO[bytes]:
+    """``path`` opened for reading bytes (``.gz``: decompressed); a missing file is a DataError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(p, None, "<file>", "no such file", "missing_file")
+    if p.suffix == ".gz":
+        return gzip.open(p, "rb")  # type: ignore[return-value]
+    return open(p, "rb")
+
+
+def iter_jsonl(
+    path: str | Path, encoding: str = "utf-8", *, strict: bool = True
+) -> Iterator[tuple[str, Any]]:
+    """``("line N", object)`` for each non-blank line of a JSONL file (``.gz`` too). Bytes that are not
+    ``encoding`` raise a DataError naming file, line and byte offset. A line that is not JSON is a DataError
+    (``bad_json``): raised when ``strict``, else yielded in the record's place, for a caller that counts and skips it.
+    ``strict`` also requires every line to be a JSON object (``not_object``)."""
+    with open_binary(path) as f:
+        for n, line in decoded_lines(f, path, encoding):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                err = DataError(path, f"line {n}", "<json>", f"not valid JSON ({e})", "bad_json")
+                if strict:
+                    raise err from e
+                yield f"line {n}", err
+                continue
+            if strict and not isinstance(obj, dict):
+                raise DataError(
+                    path, f"line {n}", "<json>", f"expected an object, got {type(obj).__name__}", "not_object"
+                )
+            yield f"line {n}", obj

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lancer_dist.data.errors import DataError, decoded_lines
+from lancer_dist.data.errors import DataError, decoded_lines, iter_jsonl
 from lancer_dist.data.shards import BadRecord, Manifest, ShardWriter, check_group
 
 __all__ = [
@@ -66,17 +66,9 @@ def _split_input(spec: str) -> tuple[str, str]:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, "rb") as f:
-        for lineno, line in decoded_lines(f, path):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                obj = BadRecord(
-                    DataError(path, f"line {lineno}", "<json>", f"not valid JSON ({e})", "bad_json")
-                )
-            yield f"line {lineno}", obj
+    """JSONL rows; a line that is not JSON comes as a :class:`BadRecord` in its place."""
+    for key, obj in iter_jsonl(path, strict=False):
+        yield key, BadRecord(obj) if isinstance(obj, DataError) else obj
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:

@@ -45,11 +45,13 @@ import json
 import random
 import sqlite3
 import time
-from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lancer_dist.data.collections import write_beir
 
 __all__ = [
     "ALL_LANGUAGES",
@@ -440,27 +442,6 @@ def build_bible_data(out: str | Path, options: BibleOptions | None = None, db: B
     return summary
 
 
-def _write_beir(
-    d: Path, corpus: Iterable[dict], queries: Iterable[dict], qrels: Iterable[tuple[str, str, int]]
-) -> dict[str, int]:
-    (d / "qrels").mkdir(parents=True, exist_ok=True)
-    n: Counter[str] = Counter()
-    with open(d / "corpus.jsonl", "w", encoding="utf-8") as f:
-        for doc in corpus:
-            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-            n["corpus"] += 1
-    with open(d / "queries.jsonl", "w", encoding="utf-8") as f:
-        for q in queries:
-            f.write(json.dumps(q, ensure_ascii=False) + "\n")
-            n["queries"] += 1
-    with open(d / "qrels" / "test.tsv", "w", encoding="utf-8") as f:
-        f.write("query-id\tcorpus-id\tscore\n")
-        for qid, did, s in qrels:
-            f.write(f"{qid}\t{did}\t{s}\n")
-            n["qrels"] += 1
-    return dict(n)
-
-
 def _build_eval(
     root: Path,
     opts: BibleOptions,
@@ -501,7 +482,7 @@ def _build_eval(
         return {"_id": f"{verse_id(v)}-{lang}", "text": texts[lang][v], "lang": lang}
 
     sets: dict[str, Any] = {}
-    sets["multilingual_full"] = _write_beir(
+    sets["multilingual_full"] = write_beir(
         root / "multilingual_full",
         (doc(v, lang) for v in pool for lang in langs),
         (query(v, lang) for v in qs for lang in langs),
@@ -515,7 +496,7 @@ def _build_eval(
     )
     qlang = {v: _rng(opts.seed, "sampled-query", verse_id(v)).choice(langs) for v in qs}
     plang = {v: _rng(opts.seed, "sampled-doc", verse_id(v)).choice(langs) for v in pool}
-    sets["multilingual_sampled"] = _write_beir(
+    sets["multilingual_sampled"] = write_beir(
         root / "multilingual_sampled",
         (doc(v, plang[v]) for v in pool),
         (query(v, qlang[v]) for v in qs),
@@ -526,7 +507,7 @@ def _build_eval(
         ),
     )
     xl = [lang for lang in langs if lang != "en"]
-    sets["crosslingual"] = _write_beir(
+    sets["crosslingual"] = write_beir(
         root / "crosslingual",
         (doc(v, "en") for v in pool),
         (query(v, lang) for v in qs for lang in xl),
@@ -538,7 +519,7 @@ def _build_eval(
         ),
     )
     for lang in langs:
-        sets[f"monolingual/{lang}"] = _write_beir(
+        sets[f"monolingual/{lang}"] = write_beir(
             root / "monolingual" / lang,
             (doc(v, lang) for v in pool),
             (query(v, lang) for v in qs),

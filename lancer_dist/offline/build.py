@@ -111,9 +111,9 @@ def iter_corpus_texts(paths: Iterable[str | Path]) -> Iterator[str]:
         elif p.name == "manifest.json":
             yield from _shard_texts(p)
         elif p.suffix == ".jsonl":
-            from lancer_dist.data.collections import _iter_jsonl
+            from lancer_dist.data.errors import iter_jsonl
 
-            for _key, obj in _iter_jsonl(p):
+            for _key, obj in iter_jsonl(p):
                 yield from _record_texts(obj)
         elif p.is_file():
             with open(p, encoding="utf-8") as f:

@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from lancer_dist.logs import setup_logging
+
 DEFAULT_MEASURES = ["nDCG@10", "AP@100", "R@100", "RR@10"]
 
 
@@ -33,6 +35,7 @@ def _spec(cfg, model: str | None, out_dir: Path):  # type: ignore[no-untyped-def
 
 
 def _encode(args: argparse.Namespace) -> int:
+    setup_logging()
     from lancer_dist.config import load_config
     from lancer_dist.retrieval.encode import encode_corpus
 
@@ -67,6 +70,7 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
+    setup_logging()
     from lancer_dist.config import load_config
     from lancer_dist.retrieval.encoder_io import load_encoder
     from lancer_dist.retrieval.evaluate import load_eval_collection
@@ -175,6 +179,7 @@ def _metrics(argv: list[str]) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    setup_logging()
     rest = list(args.rest)
     if rest and rest[0] == "metrics":
         return _metrics(rest[1:])

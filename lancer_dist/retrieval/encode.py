@@ -13,6 +13,7 @@ finished or interrupted job skips the shards already on disk.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -36,6 +37,8 @@ from lancer_dist.retrieval.store import (
     shard_done,
     write_shard,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = ["EncodeResult", "EncoderPool", "encode_corpus", "encode_corpus_local", "encode_shard"]
 
@@ -170,8 +173,8 @@ def _finish(out: Path, manifest: dict[str, Any], plans: list[ShardPlan]) -> None
     manifest["num_passages"] = sum(s["rows"] for s in manifest["shards"])
     manifest["skipped_no_text"] = skipped_total
     if skipped_total:
-        print(
-            f"[encode] {out}: {skipped_total} passages without text were skipped (ids in ids-*.json 'skipped')"
+        log.warning(
+            "%s: %d passages without text were skipped (ids in ids-*.json 'skipped')", out, skipped_total
         )
     if plans:
         manifest["dim"] = int(np.load(out / f"emb-{plans[0].index:05d}.npy", mmap_mode="r").shape[1])

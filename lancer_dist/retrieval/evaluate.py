@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -47,6 +48,8 @@ from lancer_dist.retrieval.search import SearchResult, search_store, topk_recall
 from lancer_dist.retrieval.store import EmbeddingStore, plan_shards, read_corpus_range
 from lancer_dist.retrieval.trec import write_run
 from lancer_dist.tracking import Tracker, resolve_tracking_uri
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["EvalCollection", "EvalReport", "format_table", "load_eval_collection", "metric_key", "run_eval"]
 
@@ -99,7 +102,7 @@ def load_eval_collection(path: str | Path, name: str | None = None, split: str =
         q: [str(a) for a in coll.queries[q]["answers"]] for q in qids if coll.queries[q].get("answers")
     }
     if coll.skipped:
-        print(f"[eval] {d}: skipped {dict(coll.skipped)}")
+        _log.warning("%s: skipped %s", d, dict(coll.skipped))
     return EvalCollection(
         name or d.name,
         d,
@@ -636,11 +639,12 @@ def report_stage(
     return report
 
 
-def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] = print) -> EvalReport:
+def run_eval(cfg: RunConfig, progress: bool = True, log: Callable[[str], None] | None = None) -> EvalReport:
     """Run the whole evaluation described by ``cfg.eval`` (see the module docstring): plan -> encode -> fit post-hoc
     baselines -> search + metrics -> analyses -> report, each stage's metrics logged to MLflow when it is done."""
     from lancer_dist.retrieval.ray_utils import ensure_ray
 
+    log = log or _log.info
     ev = cfg.eval
     t_all = time.perf_counter()
     plan = plan_eval(cfg)

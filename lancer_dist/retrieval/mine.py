@@ -117,10 +117,11 @@ def select_negatives(
 
 
 def _read_queries(path: Path) -> dict[str, dict[str, Any]]:
-    from lancer_dist.data.collections import _id, _iter_jsonl, _req
+    from lancer_dist.data.collections import _id, _req
+    from lancer_dist.data.errors import iter_jsonl
 
     out: dict[str, dict[str, Any]] = {}
-    for key, obj in _iter_jsonl(path):
+    for key, obj in iter_jsonl(path):
         qid = _id(str(path), key, _req(str(path), key, obj, "_id"), "_id")
         text = _req(str(path), key, obj, "text")
         if not isinstance(text, str) or not text.strip():
@@ -133,10 +134,10 @@ def _read_queries(path: Path) -> dict[str, dict[str, Any]]:
 
 def _corpus_passages(corpus: Path, wanted: set[str]) -> dict[str, dict[str, str]]:
     """``{docid: {"docid", "text", "title"}}`` for the wanted ids, in one pass over corpus.jsonl."""
-    from lancer_dist.data.collections import _iter_jsonl
+    from lancer_dist.data.errors import iter_jsonl
 
     out: dict[str, dict[str, str]] = {}
-    for _, obj in _iter_jsonl(corpus):
+    for _, obj in iter_jsonl(corpus):
         did = str(obj.get("_id"))
         if did in wanted:
             out[did] = {
@@ -295,6 +296,9 @@ def mine_hard_negatives(
 
 
 def _cli(args: argparse.Namespace) -> int:
+    from lancer_dist.logs import setup_logging
+
+    setup_logging()
     from lancer_dist.config import load_config
     from lancer_dist.data.errors import DataError
     from lancer_dist.retrieval.cli import _spec

@@ -18,6 +18,7 @@ top-k, same total order).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,8 @@ import numpy as np
 
 from lancer_dist.retrieval.posthoc import Affine
 from lancer_dist.retrieval.store import EmbeddingStore
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "SearchResult",
@@ -459,12 +462,10 @@ def search_store(
             g.tolist() for g in np.array_split(np.asarray(shards, dtype=np.int64), max(1, n_groups)) if len(g)
         ]
         if ray.available_resources().get("CPU", 0.0) < cpus_per_task:
-            import sys
-
-            print(
-                f"[search] waiting for {cpus_per_task} free Ray CPU(s) per shard task (held by actors or other "
-                "tasks; close idle EncoderPools first)",
-                file=sys.stderr,
+            log.warning(
+                "waiting for %s free Ray CPU(s) per shard task (held by actors or other tasks; close idle "
+                "EncoderPools first)",
+                cpus_per_task,
             )
         task = ray.remote(_search_group_task).options(  # type: ignore[call-overload]
             num_cpus=cpus_per_task, scheduling_strategy="SPREAD"

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from lancer_dist.data.errors import LineFormatError
 from lancer_dist.data.text import passage_text
 from lancer_dist.fileio import atomic_write_json
 
@@ -42,10 +43,8 @@ __all__ = [
 FORMAT = "lancer-embeddings/1"
 
 
-class CorpusFormatError(ValueError):
-    def __init__(self, path: str | Path, line_no: int, field: str, problem: str):
-        self.path, self.line_no, self.field = str(path), line_no, field
-        super().__init__(f"{path}:{line_no}: field '{field}': {problem}")
+class CorpusFormatError(LineFormatError):
+    """A bad line of a corpus being encoded (a :class:`~lancer_dist.data.errors.DataError`: file, line, field)."""
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@ randomly initialised small BERT bi-encoder saved like any trained one, and a BEI
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -88,22 +87,16 @@ def write_beir(
     qrels: Mapping[str, Mapping[str, int]],
     split: str = "test",
 ) -> Path:
-    """Write ``corpus.jsonl`` ({_id, title, text, lang}), ``queries.jsonl`` ({_id, text, lang[, answers]}) and
-    ``qrels/<split>.tsv`` (BEIR layout, with a header line)."""
-    out = Path(out_dir)
-    (out / "qrels").mkdir(parents=True, exist_ok=True)
-    with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
-        for docid, doc in corpus.items():
-            f.write(
-                json.dumps({"_id": docid, "title": doc.get("title", ""), **dict(doc)}, ensure_ascii=False)
-                + "\n"
-            )
-    with open(out / "queries.jsonl", "w", encoding="utf-8") as f:
-        for qid, q in queries.items():
-            f.write(json.dumps({"_id": qid, **dict(q)}, ensure_ascii=False) + "\n")
-    with open(out / "qrels" / f"{split}.tsv", "w", encoding="utf-8") as f:
-        f.write("query-id\tcorpus-id\tscore\n")
-        for qid, docs in qrels.items():
-            for docid, rel in docs.items():
-                f.write(f"{qid}\t{docid}\t{int(rel)}\n")
-    return out
+    """A BEIR collection from dicts keyed by id (``corpus.jsonl`` rows {_id, title, text, lang},
+    ``queries.jsonl`` rows {_id, text, lang[, answers]}), written by
+    :func:`lancer_dist.data.collections.write_beir`."""
+    from lancer_dist.data.collections import write_beir as write_rows
+
+    write_rows(
+        out_dir,
+        ({"_id": docid, "title": doc.get("title", ""), **dict(doc)} for docid, doc in corpus.items()),
+        ({"_id": qid, **dict(q)} for qid, q in queries.items()),
+        ((qid, docid, rel) for qid, docs in qrels.items() for docid, rel in docs.items()),
+        split,
+    )
+    return Path(out_dir)

@@ -12,16 +12,16 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from lancer_dist.data.errors import LineFormatError
+
 Run = dict[str, dict[str, float]]  # qid -> docid -> score
 Qrels = dict[str, dict[str, int]]  # qid -> docid -> relevance
 
 __all__ = ["Qrels", "Run", "TrecFormatError", "read_qrels", "read_run", "write_qrels", "write_run"]
 
 
-class TrecFormatError(ValueError):
-    def __init__(self, path: str | Path, line_no: int, field: str, problem: str):
-        self.path, self.line_no, self.field = str(path), line_no, field
-        super().__init__(f"{path}:{line_no}: field '{field}': {problem}")
+class TrecFormatError(LineFormatError):
+    """A bad line of a TREC run or qrels file (a :class:`~lancer_dist.data.errors.DataError`: file, line, field)."""
 
 
 def write_run(path: str | Path, run: Mapping[str, Mapping[str, float]], tag: str = "lancer") -> Path:

@@ -19,7 +19,6 @@ import os
 import resource
 import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from torch import Tensor
 from lancer_dist import dist
 from lancer_dist.config import ConfigError, RunConfig, config_to_dict
 from lancer_dist.fileio import progress
+from lancer_dist.logs import setup_logging
 from lancer_dist.losses import LossOutput, lancer_loss
 from lancer_dist.train.checkpoint import CheckpointManager, Part
 from lancer_dist.train.lock import acquire_for_job
@@ -200,7 +200,7 @@ class Trainer:
         # The one device decision: the accelerator's. Batches are moved there in train_step.
         self.device: torch.device = self.accelerator.device
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        _setup_logging(self.rank)
+        setup_logging(self.rank)
         self.out_dir = Path(cfg.output_dir)
         self.ckpt_dir = (
             Path(cfg.train.checkpoint.dir) if cfg.train.checkpoint.dir else self.out_dir / "checkpoints"
@@ -743,17 +743,6 @@ class Trainer:
 
 def _fmt(m: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in m.items() if k != "step")
-
-
-def _setup_logging(rank: int) -> None:
-    fmt = f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s"
-    root = logging.getLogger()
-    if not any(getattr(h, "_lancer", False) for h in root.handlers):
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter(fmt))
-        h._lancer = True  # type: ignore[attr-defined]
-        root.addHandler(h)
-        root.setLevel(logging.INFO)
 
 
 def train(cfg: RunConfig, on_log: LogHook | None = None) -> TrainResult:

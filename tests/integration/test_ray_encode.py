@@ -111,7 +111,7 @@ def test_corpus_records_local(ray_env, setup, tmp_path):
     _root, _corpus, spec, _ref, _pool = setup
     bad = tmp_path / "corpus.jsonl"
     bad.write_text('{"_id": "a", "text": "alpha"}\n{"_id": "b", "txt": "beta"}\n')
-    with pytest.raises(CorpusFormatError, match=r"corpus.jsonl:2: field 'text'"):
+    with pytest.raises(CorpusFormatError, match=r"corpus.jsonl: record 'line 2' field 'text'"):
         encode_corpus_local(spec, bad, tmp_path / "out", shard_size=5, progress=False)
     # Passages without any text are left out and counted (as read_beir does); positions stay consistent.
     ok = tmp_path / "ok.jsonl"

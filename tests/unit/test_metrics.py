@@ -86,7 +86,7 @@ def test_trec_roundtrip_and_errors(tmp_path):
     (tmp_path / "beir.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
     assert read_qrels(tmp_path / "beir.tsv") == {"q1": {"d1": 1}}
     (tmp_path / "bad.trec").write_text("q1 Q0 d1 1 0.5 x\nq1 Q0 d2 2 high x\n")
-    with pytest.raises(TrecFormatError, match=r"bad.trec:2: field 'score'"):
+    with pytest.raises(TrecFormatError, match=r"bad.trec: record 'line 2' field 'score'"):
         read_run(tmp_path / "bad.trec")
 
 
