@@ -26,9 +26,7 @@ by the CLI, and stored in the manifest's ``source``.
 from __future__ import annotations
 
 import csv
-import gzip
 import hashlib
-import json
 import random
 import re
 import zlib
@@ -181,17 +179,9 @@ def _iter_c4(files: Sequence[Path]) -> Iterator[tuple[str, str, Any]]:
     for path in files:
         lineno = 0
         try:
-            with gzip.open(path, "rb") as f:
-                for lineno, line in decoded_lines(f, path):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        err = DataError(path, f"line {lineno}", "<json>", f"not valid JSON ({e})", "bad_json")
-                        yield str(path), f"line {lineno}", BadRecord(err)
-                        continue
-                    yield str(path), f"line {lineno}", row
+            for key, row in _iter_jsonl(path):
+                lineno = int(key.removeprefix("line "))
+                yield str(path), key, row
         except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
             err = DataError(
                 path, f"line {lineno + 1}", "<gzip>", f"corrupt or truncated gzip ({e})", "corrupt_gzip"
