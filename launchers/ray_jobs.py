@@ -55,8 +55,10 @@ DEFAULT_EXCLUDES = [
     ".ruff_cache",
     ".pytest_cache",
     "*.egg-info",
-    "data",
-    "models",
+    # anchored: Ray matches excludes like .gitignore lines, and a bare "data" also dropped lancer_dist/data/ from
+    # the package (the job then imported whatever lancer_dist.data the node had installed, or failed)
+    "/data",
+    "/models",
 ]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 VERBS = ("train", "encode", "eval")

@@ -200,6 +200,16 @@ def test_ray_entrypoint_and_runtime_env(tmp_path: Path):
     env = runtime_env(job)
     assert env["working_dir"] == str(REPO) and set(DEFAULT_EXCLUDES) <= set(env["excludes"])
     assert {".venv", ".cache", "runs"} <= set(env["excludes"])
+    # Ray's own matcher over the excludes: every tracked source file of the packages travels with the job
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    spec = PathSpec.from_lines("gitwildmatch", env["excludes"])
+    tracked = subprocess.run(
+        ["git", "ls-files", "lancer_dist", "launchers", "configs"], cwd=REPO, capture_output=True, text=True
+    ).stdout.split()
+    assert any(p.startswith("lancer_dist/data/") for p in tracked)
+    assert [p for p in tracked if spec.match_file(p)] == []
+    assert spec.match_file("data/bible/x.json") and spec.match_file(".venv/bin/python")
     assert Path(env["env_vars"]["LANCER_CACHE"]).is_absolute()
     assert env["env_vars"]["CUDA_VISIBLE_DEVICES"] == ""
     # GPU workers: the GPUs stay visible (Ray assigns each worker its own).
