@@ -22,8 +22,10 @@ def main(config: str, out: str) -> None:
     r, w = tr.rank, tr.world
     local = full.shard(r, w)
     metrics = tr.train_step(local)
-    # the full parameters: under DeepSpeed ZeRO-3 each rank holds a shard, gathered here (a collective: every rank)
-    state = tr.accelerator.get_state_dict(tr.model)
+    # how many parameters this rank holds as shards (FSDP2 DTensors): 0 unless the model was really sharded
+    metrics["sharded_parameters"] = sum(type(p).__name__ == "DTensor" for p in tr.model.parameters())
+    # the full parameters: under DeepSpeed ZeRO-3 / FSDP2 each rank holds a shard, gathered here (a collective)
+    state = tr.full_state_dict()
     if r == 0:
         names = [n for n, _ in tr.accelerator.unwrap_model(tr.model).named_parameters()]
         Path(out).mkdir(parents=True, exist_ok=True)
