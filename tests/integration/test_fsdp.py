@@ -3,7 +3,8 @@
 * N ranks == one process: one ``Trainer.train_step`` on ONE global batch split over 2 FSDP2 ranks
   (tests/distributed/trainer_step_program.py) against one plain (unsharded, DDP-path) process on the full batch, for
   the LANCER loss with negatives gathered from every rank; float64, losses to 1e-10, parameters after one AdamW step
-  to 1e-8; for an encoder (BERT) and a decoder (Qwen2, last-token pooling, left padding, LoRA). A run without gathered
+  to 1e-8; for an encoder (BERT) and a decoder (Qwen2, last-token pooling, left padding, LoRA, gradient
+  checkpointing). A run without gathered
   negatives must miss the same bound by far (so the comparison can fail).
 * kill + resume is exact: SIGKILL a 2-rank FSDP2 run after its step-2 sharded checkpoint, resume, and the final model
   equals an uninterrupted run's (bit for bit in float64); the gathered final model is a normal model directory that
@@ -62,6 +63,9 @@ def _backbone(family: str, vocab: int) -> dict:
         "pooling": "last_token",
         "query_instruction": "Given a verse, retrieve related verses",
         "lora": {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]},
+        # recomputed in the backward inside each FSDP2 block (the 1-process reference checkpoints too; that
+        # checkpointing leaves the gradients unchanged is tests/unit/test_model_options.py's)
+        "gradient_checkpointing": True,
     }
 
 
