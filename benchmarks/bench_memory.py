@@ -1,10 +1,10 @@
-"""Peak host memory (RSS) per rank of the real trainer on CPU: DDP / DeepSpeed ZeRO-2 / ZeRO-3, each with and
+"""Peak host memory (RSS) per rank of the real trainer on CPU: DDP / DeepSpeed ZeRO-2 / ZeRO-3 / FSDP2, each with and
 without LoRA and gradient checkpointing, 2 ranks (torchrun, gloo), a few training steps.
 
 Run (the offline backbone and the test Bible data must be built, e.g. by the test fixtures or scripts/quickstart.sh):
 
     OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --model .cache/lancer/models/multilingual-e5-small-L2-v... \
-        --data .cache/lancer/data/bible-test --steps 3
+        --data .cache/lancer/data/bible-test --steps 3 [--strategies ddp,zero-2,zero-3,fsdp]
 
 Prints one row per setting: parameters (all / trainable), and per rank the RSS after the imports (before the model
 is built), the peak RSS (VmHWM, /proc/self/status) after the steps, and their difference (what the run added on
@@ -49,7 +49,8 @@ def worker(config: str, out: str) -> None:
     for _ in range(cfg.train.steps):
         tr.train_step(next(it))
     model = tr.accelerator.unwrap_model(tr.model)
-    # under ZeRO-3 a rank's parameters are shards: count the full sizes DeepSpeed records
+    # under ZeRO-3 a rank's parameters are shards: count the full sizes DeepSpeed records (an FSDP2 DTensor's
+    # numel() is already its global size)
     numel = [int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()]
     trainable = sum(n for n, p in zip(numel, model.parameters(), strict=True) if p.requires_grad)
     rec = {
@@ -102,7 +103,7 @@ def _config(tmp: Path, model: str, data: str, steps: int, strategy: str, lora: b
             "warmup_steps": 0,
             "log_every": 1,
             "seed": 7,
-            "strategy": "ddp" if kind == "ddp" else "deepspeed",
+            "strategy": kind if kind in ("ddp", "fsdp") else "deepspeed",
             "zero_stage": int(stage or 0),
             "checkpoint": {"dir": str(tmp / "ckpt"), "every": 0},
         },
@@ -120,7 +121,7 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--strategies", default="ddp,zero-2,zero-3")
+    ap.add_argument("--strategies", default="ddp,zero-2,zero-3,fsdp")
     ap.add_argument("--worker", nargs=2, metavar=("CONFIG", "OUT"))
     args = ap.parse_args()
     if args.worker:

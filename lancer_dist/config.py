@@ -341,8 +341,10 @@ class TrainConfig:
     # fp64 is for numerical verification (exactness tests, debugging); not for real training runs.
     precision: Literal["fp32", "bf16", "fp16", "fp64"] = "fp32"
     seed: int = 42
-    # "ddp": Accelerate's DistributedDataParallel (or one process); "deepspeed": DeepSpeed ZeRO via Accelerate.
-    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    # "ddp": Accelerate's DistributedDataParallel (or one process); "deepspeed": DeepSpeed ZeRO via Accelerate;
+    # "fsdp": PyTorch FSDP2 (``fully_shard`` per transformer block + the root; parameters, gradients and optimizer
+    # state sharded; lancer_dist/dist.py), sharded safetensors checkpoints.
+    strategy: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
     zero_stage: int = 2
     # A DeepSpeed JSON config (see cluster/deepspeed/); batch sizes and precision are filled in from this config.
     deepspeed_config: str | None = None
@@ -632,7 +634,22 @@ class RunConfig:
                 self.train.strategy == "ddp",
                 f"{p}loss.erasure_chunk",
                 self.loss.erasure_chunk,
-                "0 with train.strategy deepspeed (micro-batched erasure is implemented and tested for ddp only)",
+                f"0 with train.strategy {self.train.strategy} (micro-batched erasure is implemented and tested for "
+                "ddp only)",
+            )
+        if self.train.strategy == "fsdp":
+            _check(
+                self.train.grad_cache_chunk_size == 0,
+                f"{p}train.grad_cache_chunk_size",
+                self.train.grad_cache_chunk_size,
+                "0 with train.strategy fsdp (gradient caching is implemented and tested for ddp and DeepSpeed "
+                "ZeRO 0-2; use model.gradient_checkpointing under fsdp)",
+            )
+            _check(
+                self.train.precision != "fp16",
+                f"{p}train.precision",
+                self.train.precision,
+                "fp32, bf16 or fp64 with train.strategy fsdp (fp16 would need a sharded loss scaler)",
             )
 
 

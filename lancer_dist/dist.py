@@ -18,6 +18,12 @@ With the retrieval loss on rank r written as ``N * sum_{i in r} l_i / B_global``
 :func:`lancer_dist.losses.lancer_loss`), averaging over ranks reproduces one process on the concatenated batch
 exactly; ``tests/distributed`` proves it to 1e-10 in float64.
 
+FSDP2 (``train.strategy: fsdp``)
+-------------------------------
+The ``fsdp_*`` helpers below apply PyTorch's ``fully_shard`` (FSDP2) from outside the model and read / write its
+sharded state. FSDP2 reduce-scatters gradients as an *average* over the ranks, like DDP, so the losses above need no
+change. Each helper is the plain single-process operation when no process group exists.
+
 Devices
 -------
 A collective only accepts tensors on a device its process group has a backend for: NCCL has none for CPU tensors
@@ -53,6 +59,11 @@ __all__ = [
     "collective_device",
     "device_for_backends",
     "find_free_port",
+    "fsdp_clip_grad_norm",
+    "fsdp_full_state_dict",
+    "fsdp_load_full_state",
+    "fsdp_local_state",
+    "fsdp_shard",
     "gather_with_grad",
     "get_local_rank",
     "get_rank",
@@ -307,3 +318,110 @@ class ProcessGroupCollectives:
 def mean_over_ranks(values: Sequence[float]) -> list[float]:
     """Average a few Python floats over ranks (for logging reduced metrics)."""
     return [v / get_world_size() for v in sum_floats(values)]
+
+
+# ---- FSDP2 ------------------------------------------------------------------------------------------------------
+
+
+def _is_dtensor(x: object) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(x, DTensor)
+
+
+def fsdp_shard(
+    model: torch.nn.Module,
+    blocks: Sequence[torch.nn.Module],
+    device: torch.device,
+    param_dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
+    """``fully_shard`` every module of ``blocks`` (innermost first), then ``model`` itself, over a 1-D mesh of every
+    rank on ``device``'s type: parameters, gradients and optimizer state are sharded along dim 0. ``param_dtype``
+    (bf16) is FSDP2's mixed precision: weights all-gathered in that dtype, gradients reduced in float32, float32
+    master weights. Without a process group the model is returned unchanged (one process holds everything)."""
+    if not is_initialized():
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (get_world_size(),))
+    mp = MixedPrecisionPolicy(
+        param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype is not None else None
+    )
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def fsdp_clip_grad_norm(parameters: Any, max_norm: float) -> float:
+    """``clip_grad_norm_`` over (possibly sharded) parameters: the global norm before clipping, the same on every
+    rank (over DTensor shards torch reduces the per-shard norms across the mesh)."""
+    norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+    if _is_dtensor(norm):
+        norm = norm.full_tensor()  # type: ignore[attr-defined]
+    return float(norm)
+
+
+def fsdp_full_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
+    """The full (unsharded) state dict on the CPU, gathered from the shards: a collective, every rank calls it;
+    rank 0 gets every tensor, the other ranks an empty dict."""
+    if not is_initialized() or not any(_is_dtensor(p) for p in model.parameters()):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full: dict[str, Any] = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    return full
+
+
+def fsdp_local_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """This rank's share of the model and optimizer state, without communication: ``tensors`` (flat names ->
+    this rank's local piece, on the CPU) and ``meta`` (JSON: for each tensor whether it is sharded along dim 0 and its
+    global shape; the optimizer's non-tensor state and param groups). Names: ``model/<fqn>``,
+    ``optim/<fqn>/<state>``; the optimizer state is keyed by parameter name (torch's ``get_state_dict``)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    both: Any = get_state_dict(model, optimizer)  # sharded (DTensor) values under FSDP2
+    model_sd, optim_sd = both
+    tensors: dict[str, Tensor] = {}
+    shapes: dict[str, Any] = {}
+
+    def put(name: str, v: Tensor) -> None:
+        local = v.to_local() if _is_dtensor(v) else v  # type: ignore[attr-defined]
+        tensors[name] = local.detach().cpu().contiguous()
+        shapes[name] = {"sharded": _is_dtensor(v), "shape": list(v.shape)}
+
+    for k, v in model_sd.items():
+        put(f"model/{k}", v)
+    other: dict[str, dict[str, Any]] = {}
+    for fqn, st in optim_sd["state"].items():
+        for name, v in st.items():
+            if isinstance(v, Tensor):
+                put(f"optim/{fqn}/{name}", v)
+            else:
+                other.setdefault(str(fqn), {})[name] = v
+    meta = {"tensors": shapes, "optim_other": other, "param_groups": optim_sd["param_groups"]}
+    return tensors, meta
+
+
+def fsdp_load_full_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_sd: dict[str, Tensor],
+    optim_sd: dict[str, Any],
+) -> None:
+    """Load FULL model and optimizer state dicts (every rank holds all of them, as read from the checkpoint) into the
+    (sharded) model and optimizer; each rank keeps its own shard. No communication."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=dict[str, Any](model_sd),
+        optim_state_dict=optim_sd,
+        options=StateDictOptions(full_state_dict=is_initialized(), strict=True),
+    )

@@ -8,7 +8,12 @@ Decisions made here (and nowhere else):
   instead of hanging it;
 * TF32 matmuls are allowed on CUDA (fp32 runs use tensor cores; bf16/fp16 autocast is Accelerate's mixed precision);
 * gradient caching under DeepSpeed is allowed for ZeRO stages 0-2 and refused for stage 3 (see
-  :func:`check_launch_config`).
+  :func:`check_launch_config`);
+* ``train.strategy: fsdp`` is FSDP2 applied by :func:`shard_fsdp` (torch's ``fully_shard`` through
+  :mod:`lancer_dist.dist`), NOT through Accelerate's FullyShardedDataParallelPlugin: Accelerate 1.15 turns FSDP on
+  only for GPU-like distributed types (``MULTI_GPU``, ``MULTI_XPU``, ...); on CPU it silently ignores the plugin and
+  wraps the model in DDP (``MULTI_CPU``), so the sharded path could never be tested on these machines. The Accelerator
+  still starts the process group and picks the device; the model and optimizer are not ``prepare``-d.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ __all__ = [
     "check_launch_config",
     "deepspeed_config",
     "effective_zero_stage",
+    "fsdp_blocks",
+    "shard_fsdp",
 ]
 
 
@@ -110,11 +117,14 @@ def build_accelerator(cfg: RunConfig) -> Any:
         torch.backends.cudnn.allow_tf32 = True
         torch.set_float32_matmul_precision("high")
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.train.strategy == "deepspeed"
+    fsdp = cfg.train.strategy == "fsdp"
     timeout = datetime.timedelta(seconds=cfg.train.dist_timeout_s)
     # On CPU the process group is gloo; Accelerate + DeepSpeed also need it said explicitly (else they count one
     # process and trip over train_batch_size). On GPU Accelerate picks NCCL.
     handlers = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timeout)] if multi else []
     mixed = {"fp32": "no", "fp64": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.train.precision]
+    if fsdp:
+        mixed = "no"  # bf16 is FSDP2's MixedPrecisionPolicy (shard_fsdp), not Accelerate's autocast
     plugin = None
     if cfg.train.strategy == "deepspeed":
         os.environ.setdefault("ACCELERATE_USE_DEEPSPEED", "true")
@@ -125,6 +135,24 @@ def build_accelerator(cfg: RunConfig) -> Any:
     if cfg.train.strategy == "deepspeed" and str(acc.distributed_type) != "DistributedType.DEEPSPEED":
         raise RuntimeError(f"DeepSpeed was requested but Accelerate set up {acc.distributed_type}")
     return acc
+
+
+def fsdp_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules FSDP2 shards one by one (each all-gathered only around its own forward / backward): every module
+    whose class a transformers backbone lists in ``_no_split_modules`` (its transformer layers, e.g. BertLayer,
+    Qwen2DecoderLayer, and embeddings where listed), innermost first."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    return [m for m in reversed(list(model.modules())) if type(m).__name__ in names]
+
+
+def shard_fsdp(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> torch.nn.Module:
+    """FSDP2 over every rank: the model moved to ``device``, each block of :func:`fsdp_blocks` and then the root
+    sharded; bf16 precision is FSDP2's mixed precision (bf16 compute, float32 master weights and reduction)."""
+    model = model.to(device)
+    param_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
+    return dist.fsdp_shard(model, fsdp_blocks(model), device, param_dtype=param_dtype)
 
 
 class RngState:

@@ -7,7 +7,8 @@ One multi-task step (paper §3.4, Fig. 2):
     L = L_R(q, p gathered from every rank) + lambda * L_C(x, correlation statistics summed over every rank)
 
 Parallelism is applied from outside the model: Accelerate wraps the bi-encoder in DDP, or in a DeepSpeed ZeRO
-engine (stages 0-3); the global-batch losses get their collectives from :mod:`lancer_dist.dist`.
+engine (stages 0-3), or :func:`lancer_dist.train.parallel.shard_fsdp` applies FSDP2; the global-batch losses get
+their collectives from :mod:`lancer_dist.dist`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from lancer_dist.train.parallel import (
     build_accelerator,
     check_launch_config,
     deepspeed_config,
+    shard_fsdp,
 )
 from lancer_dist.train.run_identity import resume_run_id, run_fingerprint
 
@@ -227,8 +229,16 @@ class Trainer:
         self.loss_dtype = torch.float64 if cfg.train.precision == "fp64" else torch.float32
         if cfg.train.precision == "fp64":
             model = model.double()
-        optimizer = build_optimizer(model, cfg)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.fsdp = cfg.train.strategy == "fsdp"
+        self.model: Any  # the wrapped / sharded bi-encoder (DDP, a DeepSpeed engine, or FSDP2)
+        self.optimizer: Any
+        if self.fsdp:
+            # sharded before the optimizer is built, so that it holds the shards (parallel.py: why not Accelerate)
+            self.model = shard_fsdp(model, cfg, self.device)
+            self.optimizer = build_optimizer(self.model, cfg)
+        else:
+            optimizer = build_optimizer(model, cfg)
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         if cfg.train.precision == "fp64" and next(self.model.parameters()).dtype != torch.float64:
             # DeepSpeed ZeRO-3 partitions the parameters as float32 whatever their dtype: the run is not fp64.
             log.warning(
@@ -406,7 +416,9 @@ class Trainer:
         else:
             out = self._forward_backward(b)
         grad_norm = float("nan")
-        if self.cfg.train.max_grad_norm > 0 and self.cfg.train.strategy != "deepspeed":
+        if self.cfg.train.max_grad_norm > 0 and self.fsdp:
+            grad_norm = dist.fsdp_clip_grad_norm(self.model.parameters(), self.cfg.train.max_grad_norm)
+        elif self.cfg.train.max_grad_norm > 0 and self.cfg.train.strategy != "deepspeed":
             grad_norm = float(
                 self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm)
             )
@@ -496,10 +508,7 @@ class Trainer:
         return CheckpointManager(
             self.ckpt_dir,
             {
-                "accelerator": Part(
-                    save=lambda d: self.accelerator.save_state(str(d)),
-                    load=self._load_model_state,
-                ),
+                "accelerator": Part(save=self._save_model_state, load=self._load_model_state),
                 "stream": Part(save=self._save_stream, load=self._load_stream),
                 "trainer": Part(save=self._save_trainer_state, load=self._load_trainer_state, per_rank=False),
             },
@@ -509,9 +518,22 @@ class Trainer:
             marker=TRAINER_STATE,
         )
 
+    def _save_model_state(self, d: Path) -> None:
+        # under FSDP nothing is prepare-d: Accelerate saves the RNG states only, the shards are ours
+        self.accelerator.save_state(str(d))
+        if self.fsdp:
+            from lancer_dist.train.fsdp_state import save_fsdp_state
+
+            save_fsdp_state(d, self.model, self.optimizer)
+
     def _load_model_state(self, d: Path) -> None:
         saved_world = int(json.loads((d / TRAINER_STATE).read_text())["world_size"])
-        if saved_world != self.world and self.cfg.train.strategy == "deepspeed":
+        if self.fsdp:
+            from lancer_dist.train.fsdp_state import load_fsdp_state
+
+            self.accelerator.load_state(str(d))  # RNG states
+            load_fsdp_state(d, self.model, self.optimizer)
+        elif saved_world != self.world and self.cfg.train.strategy == "deepspeed":
             self._load_zero_resharded(d, saved_world)
         else:
             # DDP / one process: Accelerate saved the full model and optimizer state; any world size loads it
@@ -623,11 +645,16 @@ class Trainer:
 
     # ---- final model ---------------------------------------------------------------------------------------
 
+    def full_state_dict(self) -> dict[str, Tensor]:
+        """The full parameters, gathered from ZeRO-3 or FSDP2 shards (a collective: every rank calls it); rank 0
+        gets the full dict."""
+        if self.fsdp:
+            return dist.fsdp_full_state_dict(self.model)
+        return self.accelerator.get_state_dict(self.model)  # type: ignore[no-any-return]
+
     def save_final_model(self) -> Path:
         out = self.out_dir / "final_model"
-        state = self.accelerator.get_state_dict(
-            self.model
-        )  # gathers ZeRO-3 shards; rank 0 gets the full dict
+        state = self.full_state_dict()
         if self.rank == 0:
             # No new model is built here: under ZeRO-3 that would be a collective (zero.Init) on rank 0 alone.
             self.accelerator.unwrap_model(self.model).save_pretrained(

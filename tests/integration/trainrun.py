@@ -195,14 +195,19 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     )
 
 
-def one_trainer_step(out: Path, cfg: Path, nproc: int) -> tuple[dict, dict]:
-    """One ``Trainer.train_step`` on the config's first global batch (tests/distributed/trainer_step_program.py: each
-    of ``nproc`` ranks gets its ``TrainBatch.shard``): the step's metrics and the parameters after it."""
+def one_trainer_step(
+    out: Path, cfg: Path, nproc: int, steps: int = 1, save_final: bool = False, torchrun: bool = False
+) -> tuple[dict, dict]:
+    """One ``Trainer.train_step`` on the config's first global batch (``steps``: on each of the first global
+    batches; tests/distributed/trainer_step_program.py: each of ``nproc`` ranks gets its ``TrainBatch.shard``): the
+    last step's metrics and the parameters after it. ``save_final``: also the trainer's final model. ``torchrun``:
+    start one process under torchrun too (DeepSpeed needs it)."""
     import json
 
     from safetensors.torch import load_file
 
     prog = "tests.distributed.trainer_step_program"
-    cmd = [sys.executable, "-m", prog] if nproc == 1 else torchrun_cmd(nproc, module=prog)
-    check(run_group([*cmd, str(cfg), str(out)], 600))
+    cmd = [sys.executable, "-m", prog] if nproc == 1 and not torchrun else torchrun_cmd(nproc, module=prog)
+    extra = ["--save-final"] if save_final else []
+    check(run_group([*cmd, str(cfg), str(out), str(steps), *extra], 600))
     return json.loads((out / "metrics.json").read_text()), load_file(str(out / "params.safetensors"))

@@ -139,3 +139,19 @@ def test_erasure_chunk_conflicts_name_the_field(overrides, expected):
         load_config(REPO / "configs/tiny.yaml", overrides)
     assert e.value.field == "loss.erasure_chunk" and expected in str(e.value)
     assert load_config(REPO / "configs/tiny.yaml", ["loss.erasure_chunk=4"]).loss.erasure_chunk == 4
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "expected"),
+    [
+        (["train.grad_cache_chunk_size=2"], "train.grad_cache_chunk_size", "0 with train.strategy fsdp"),
+        (["train.precision=fp16"], "train.precision", "fp32, bf16 or fp64 with train.strategy fsdp"),
+        (["loss.erasure_chunk=4"], "loss.erasure_chunk", "ddp only"),
+    ],
+)
+def test_fsdp_refuses_what_it_does_not_support(overrides, field, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "configs/tiny.yaml", ["train.strategy=fsdp", *overrides])
+    assert e.value.field == field and expected in str(e.value)
+    cfg = load_config(REPO / "configs/tiny.yaml", ["train.strategy=fsdp", "train.precision=bf16"])
+    assert cfg.train.strategy == "fsdp"
