@@ -526,6 +526,9 @@ class EvalConfig:
     search_block: int = (
         65536  # rows of a memory-mapped shard searched at once by the exact index (flat memory)
     )
+    # How exact search scores a block: "torch" (matmul + top-k on the mapped rows; measured fastest, see
+    # docs/evaluation.md), "faiss_knn" (faiss.knn on the mapped rows) or "faiss_index" (an IndexFlatIP per block).
+    search_kernel: Literal["torch", "faiss_knn", "faiss_index"] = "torch"
     # Passages per embedding shard (= per FAISS index shard, searched in parallel).
     shard_size: int = 20000
     top_k: int = 100

@@ -141,11 +141,16 @@ def test_tie_expansion_is_bounded():
 # ---------------------------------------------------------------------------------------------------- at scale
 
 
+KERNELS = ["torch", "faiss_knn", "faiss_index"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize(
     ("shard_size", "block", "threads"), [(1000, 7, 2), (64, 16, 2), (37, 1000, 3), (300, 50, 1)]
 )
-def test_threaded_blocked_search_equals_brute_force_with_ties(tmp_path, shard_size, block, threads):
-    """The default path: memory-mapped shards cut into blocks, searched by a thread pool, exact merge."""
+def test_threaded_blocked_search_equals_brute_force_with_ties(tmp_path, shard_size, block, threads, kernel):
+    """The default path: memory-mapped shards cut into blocks, searched by a thread pool, exact merge; each
+    block kernel (torch matmul + top-k, faiss.knn, an IndexFlatIP per block)."""
     q, p = _integer_data(5)
     k = 20
     ref_s, ref_p = brute_force_topk(q, p, k)
@@ -153,9 +158,61 @@ def test_threaded_blocked_search_equals_brute_force_with_ties(tmp_path, shard_si
     kth = ref_s[:, k - 1 : k]
     assert np.any(((full == kth).sum(1)) > ((ref_s == kth).sum(1))), "no tie straddles the k-th place"
     write_store(tmp_path, p, [f"doc{i}" for i in range(len(p))], shard_size=shard_size)
-    res = search_store(tmp_path, q, k, parallel="threads", threads=threads, block=block)
+    res = search_store(tmp_path, q, k, parallel="threads", threads=threads, block=block, kernel=kernel)
     np.testing.assert_array_equal(res.positions, ref_p)
     np.testing.assert_array_equal(res.scores, ref_s)
+
+
+def _numpy_topk_ties(q: np.ndarray, p: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Independent of the package: float64 inner products (exact on small integers), each row ordered by a
+    Python sort on (-score, position)."""
+    full = q.astype(np.float64) @ p.astype(np.float64).T
+    pos = np.array([sorted(range(p.shape[0]), key=lambda j, r=r: (-r[j], j))[:k] for r in full], np.int64)
+    return np.take_along_axis(full, pos, axis=1).astype(np.float32), pos
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize(("dtype", "shard_size", "block"), [("float32", 1000, 1000), ("float16", 256, 37)])
+def test_blocked_kernels_equal_numpy_reference_with_ties(tmp_path, kernel, dtype, shard_size, block):
+    """Each block kernel, on the default threaded path, against a numpy/Python reference; values in {-1, 0, 1}
+    make most scores tie, so the k-th place falls inside a tie group in most rows. With one block, the block's
+    own cut is the global one: neither torch.topk nor faiss.knn returns the lowest positions of a tie (measured),
+    so this fails unless the kernel resolves straddling ties itself."""
+    rng = np.random.default_rng(11)
+    p = rng.integers(-1, 2, size=(700, 5)).astype(np.float32)
+    q = rng.integers(-1, 2, size=(40, 5)).astype(np.float32)
+    k = 30
+    ref_s, ref_p = _numpy_topk_ties(q, p, k)
+    full = q @ p.T
+    straddles = ((full >= ref_s[:, -1:]).sum(1) > k).mean()
+    assert straddles > 0.5, straddles  # ties at the cut in most rows, or the test shows nothing
+    write_store(tmp_path, p.astype(dtype), [str(i) for i in range(len(p))], shard_size=shard_size)
+    res = search_store(tmp_path, q, k, threads=2, block=block, kernel=kernel)
+    np.testing.assert_array_equal(res.positions, ref_p)
+    np.testing.assert_array_equal(res.scores, ref_s)
+
+
+def test_unknown_kernel_is_refused(tmp_path):
+    q, p = _integer_data(12, n=20, q=2)
+    write_store(tmp_path, p, [str(i) for i in range(20)], shard_size=10)
+    with pytest.raises(ValueError, match="search_kernel"):
+        search_store(tmp_path, q, 3, kernel="gemm")
+
+
+def test_float32_blocks_are_mapped_not_copied(tmp_path):
+    """The torch / faiss.knn kernels read a float32 block in place (a map of the file), a float16 one converted."""
+    from lancer_dist.retrieval.search import _map_block
+    from lancer_dist.retrieval.store import emb_path
+
+    p = np.arange(60, dtype=np.float32).reshape(12, 5)
+    write_store(tmp_path / "f32", p, [str(i) for i in range(12)], shard_size=12)
+    x = _map_block(emb_path(tmp_path / "f32", 0), 4, 9, None)
+    assert isinstance(x, np.memmap) and x.dtype == np.float32
+    np.testing.assert_array_equal(x, p[4:9])
+    write_store(tmp_path / "f16", p.astype(np.float16), [str(i) for i in range(12)], shard_size=12)
+    y = _map_block(emb_path(tmp_path / "f16", 0), 4, 9, None)
+    assert not isinstance(y, np.memmap) and y.dtype == np.float32
+    np.testing.assert_array_equal(y, p[4:9])
 
 
 def test_float16_store_exact_on_representable_data(tmp_path):
