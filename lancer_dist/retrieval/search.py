@@ -12,8 +12,10 @@ rows (:func:`exact_topk_torch`: no copy of a float32 block, no index; on the GPU
 the GIL). ``kernel="faiss_knn"`` (``faiss.knn``) and ``"faiss_index"`` (an ``IndexFlatIP`` per block) are the
 alternatives the benchmark measures. Approximate indexes (``IndexConfig`` ivf_flat / ivf_pq / hnsw, or any
 ``faiss.index_factory`` string) are built per shard with ``METRIC_INNER_PRODUCT``, trained on a random sample of
-the shard, filled block by block. Across nodes, groups of shards run as Ray tasks (``parallel="ray"``). With
-faiss-gpu installed and a GPU visible, approximate shard indexes are moved to the GPU (``index_cpu_to_all_gpus``).
+the shard, filled block by block; with ``refine_factor`` R each shard's ``k * R`` approximate candidates are
+re-scored exactly against its memory-mapped vectors (:func:`rerank_exact`). Across nodes, groups of shards run as
+Ray tasks (``parallel="ray"``). With faiss-gpu installed and a GPU visible, approximate shard indexes are moved to
+the GPU (``index_cpu_to_all_gpus``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__ = [
     "default_threads",
     "exact_topk_torch",
     "merge_topk",
+    "rerank_exact",
     "search_arrays",
     "search_index_exact",
     "search_shards_local",
@@ -364,6 +367,37 @@ def build_shard_index(
     return idx
 
 
+def rerank_exact(
+    path: Path,
+    offset: int,
+    q_QD: np.ndarray,
+    cand_QC: np.ndarray,
+    k: int,
+    transform: Affine | None = None,
+    max_rows: int = 65536,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score candidate positions (global, ``offset`` = the shard's first position; -1 = padding) of one shard
+    by exact float32 inner products with its memory-mapped vectors, and keep the best ``k`` of each row in the
+    total order. Only the candidates' rows are read, for as many queries at a time as make ``max_rows`` candidate
+    rows (at least one query), so memory is bounded by ``max_rows`` rows whatever the shard size."""
+    mm = np.load(path, mmap_mode="r", allow_pickle=False)
+    q = np.ascontiguousarray(q_QD, dtype=np.float32)
+    cand = np.asarray(cand_QC, dtype=np.int64)
+    out_s = np.full((q.shape[0], k), -np.inf, np.float32)
+    out_p = np.full((q.shape[0], k), -1, np.int64)
+    query_chunk = max(1, max_rows // max(1, cand.shape[1]))
+    for a in range(0, q.shape[0], query_chunk):
+        c = cand[a : a + query_chunk]
+        valid = c >= 0
+        rows, inv = np.unique(np.where(valid, c - offset, 0), return_inverse=True)
+        x = np.asarray(mm[rows], dtype=np.float32)  # sorted rows: one pass over the file
+        x = transform(x) if transform is not None else x
+        s = np.einsum("qcd,qd->qc", x[inv.reshape(c.shape)], q[a : a + query_chunk])
+        out_s[a : a + len(c)], out_p[a : a + len(c)] = sort_candidates(np.where(valid, s, -np.inf), c, k)
+    del mm
+    return out_s, out_p
+
+
 def _search_approx_shard(
     path: Path,
     offset: int,
@@ -378,7 +412,11 @@ def _search_approx_shard(
 
     faiss.omp_set_num_threads(1)
     idx = build_shard_index(path, index, transform, block, seed)
-    return search_index_exact(idx, q_QD, k, offset)
+    refine = 0 if isinstance(index, str) else index.refine_factor
+    if not refine:
+        return search_index_exact(idx, q_QD, k, offset)
+    _, cand = search_index_exact(idx, q_QD, k * refine, offset)
+    return rerank_exact(path, offset, q_QD, cand, k, transform)
 
 
 def search_shards_local(

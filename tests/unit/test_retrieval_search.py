@@ -331,3 +331,61 @@ def test_eval_index_recall_on_a_query_sample(tmp_path):
     assert got == pytest.approx(_numpy_recall(sr.positions[rows], q[rows], p, 20), abs=1e-12)
     assert got is not None and got < 1.0
     assert index_recall(tmp_path, q, sr, EvalConfig(top_k=20), None) is None  # exact index: nothing to report
+
+
+# ------------------------------------------------------------------------------------ exact re-ranking (refine)
+
+
+def test_rerank_exact_equals_numpy_over_the_candidates(tmp_path):
+    """Re-scoring arbitrary candidate lists (padding included) = the top-k of those candidates by numpy, ties by
+    position; positions are global (the shard starts at ``offset``)."""
+    from lancer_dist.retrieval.search import rerank_exact
+    from lancer_dist.retrieval.store import emb_path
+
+    rng = np.random.default_rng(13)
+    p = rng.integers(-1, 2, size=(400, 6)).astype(np.float32)
+    q = rng.integers(-1, 2, size=(50, 6)).astype(np.float32)
+    write_store(tmp_path, p, [str(i) for i in range(400)], shard_size=400)
+    offset, k, C = 1000, 7, 40
+    cand = np.stack([rng.choice(400, C, replace=False) for _ in range(50)]) + offset
+    cand[::5, -3:] = -1  # padding in some rows
+    s, pos = rerank_exact(emb_path(tmp_path, 0), offset, q, cand, k, max_rows=16 * C)
+    for i in range(50):
+        c = [int(x) for x in cand[i] if x >= 0]
+        want = sorted(c, key=lambda j: (-float(q[i] @ p[j - offset]), j))[:k]
+        assert pos[i].tolist() == want
+        np.testing.assert_array_equal(s[i], [q[i] @ p[j - offset] for j in want])
+    assert len({tuple(r) for r in pos}) > 1
+
+
+def test_ivf_pq_refined_over_every_candidate_is_exact(tmp_path):
+    """Every cell probed and k * refine_factor >= shard size: re-ranking sees the whole shard, so the result is
+    brute force, ties included; without re-ranking, PQ codes on the same data are not."""
+    from lancer_dist.config import IndexConfig
+
+    q, p = _integer_data(14, n=600, q=20, d=8)
+    k = 10
+    write_store(tmp_path, p, [str(i) for i in range(600)], shard_size=300)
+    base = {"kind": "ivf_pq", "nlist": 4, "nprobe": 4, "pq_m": 2, "pq_nbits": 4, "train_sample": 300}
+    refined = search_store(tmp_path, q, k, IndexConfig(**base, refine_factor=30))
+    ref_s, ref_p = brute_force_topk(q, p, k)
+    np.testing.assert_array_equal(refined.positions, ref_p)
+    np.testing.assert_array_equal(refined.scores, ref_s)
+    plain = search_store(tmp_path, q, k, IndexConfig(**base))
+    assert not np.array_equal(plain.positions, ref_p)
+
+
+def test_refine_raises_ivf_pq_recall(tmp_path):
+    from lancer_dist.config import IndexConfig
+    from lancer_dist.retrieval.search import topk_recall
+
+    q, p = _clustered(15)
+    k = 20
+    write_store(tmp_path, p, [str(i) for i in range(len(p))], shard_size=2000)
+    exact = search_store(tmp_path, q, k)
+    base = {"kind": "ivf_pq", "nlist": 16, "nprobe": 8, "pq_m": 4, "pq_nbits": 4, "train_sample": 1500}
+    r0 = topk_recall(search_store(tmp_path, q, k, IndexConfig(**base)).positions, exact.positions)
+    refined = search_store(tmp_path, q, k, IndexConfig(**base, refine_factor=8))
+    r8 = topk_recall(refined.positions, exact.positions)
+    assert r8 == pytest.approx(_numpy_recall(refined.positions, q, p, k), abs=1e-12)
+    assert r8 > r0 + 0.2, (r0, r8)
