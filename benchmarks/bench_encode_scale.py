@@ -77,14 +77,15 @@ def child(args: argparse.Namespace, corpus: Path, model: Path, workers: int, thr
         peaks[r["pid"]] = max(peaks.get(r["pid"], 0.0), r["peak_rss_mb"])
         rss[r["pid"]] = r["rss_mb"]
         if done[0] // args.milestone > before // args.milestone:
-            trajectory.append(
-                {
-                    "passages": done[0],
-                    "rss_mb": [round(rss[k]) for k in sorted(rss)],
-                    "peak_rss_mb": [round(peaks[k]) for k in sorted(peaks)],
-                    "seconds": round(time.perf_counter() - t1, 1),
-                }
-            )
+            point = {
+                "passages": done[0],
+                "rss_mb": [round(rss[k]) for k in sorted(rss)],
+                "peak_rss_mb": [round(peaks[k]) for k in sorted(peaks)],
+                "seconds": round(time.perf_counter() - t1, 1),
+            }
+            trajectory.append(point)
+            with open(f"{out}.trajectory.jsonl", "a") as f:  # readable while the run goes on
+                f.write(json.dumps(point) + "\n")
 
     t1 = time.perf_counter()
     res = pool.encode_corpus(
@@ -176,7 +177,7 @@ def main() -> None:
         for conf in todo:
             w, t = conf.split("x")
             out = work / f"emb-{d.name}-{conf}"
-            subprocess.run(["rm", "-rf", str(out)], check=True)
+            subprocess.run(["rm", "-rf", str(out), f"{out}.trajectory.jsonl"], check=True)
             load_before = _uptime()
             p = subprocess.run(
                 [
