@@ -8,8 +8,10 @@ the quickstart backbone (multilingual-e5-small, first 4 layers, vocabulary prune
 backbone --layers 4 --prune-vocab``; configs/quickstart.yaml's lengths and prefixes). Each configuration
 ``WxT`` is W Ray actors with T torch threads each (``EncoderPool(num_workers=W, cpus_per_worker=T)``) on a local Ray
 instance of 2 CPUs, run in a fresh process; pool start-up (model loading) is excluded from passages/s. Peak RSS is
-each actor's own ``ru_maxrss`` (reported by the actor after its last shard), so it can be compared across corpus
-sizes: with a fixed ``--shard-size`` it should not grow with the corpus.
+each actor's own ``VmHWM`` (reported by the actor after each shard), so it can be compared across corpus sizes:
+with a fixed ``--shard-size`` it should not grow with the corpus. Within one run, every ``--milestone`` passages the
+actors' current RSS (``VmRSS``) and peak so far are recorded (``trajectory``): the peak after 10k passages against
+the peak after 40k of the same run.
 """
 
 from __future__ import annotations
@@ -65,15 +67,34 @@ def child(args: argparse.Namespace, corpus: Path, model: Path, workers: int, thr
     pool = EncoderPool(spec, num_workers=workers, cpus_per_worker=threads)
     startup = time.perf_counter() - t0
     peaks: dict[int, float] = {}
+    rss: dict[int, float] = {}
+    done = [0]
+    trajectory: list[dict[str, object]] = []  # every --milestone passages: each actor's RSS now and its peak
+
+    def on_shard(_p: object, r: dict) -> None:
+        before = done[0]
+        done[0] += r["count"]
+        peaks[r["pid"]] = max(peaks.get(r["pid"], 0.0), r["peak_rss_mb"])
+        rss[r["pid"]] = r["rss_mb"]
+        if done[0] // args.milestone > before // args.milestone:
+            point = {
+                "passages": done[0],
+                "rss_mb": [round(rss[k]) for k in sorted(rss)],
+                "peak_rss_mb": [round(peaks[k]) for k in sorted(peaks)],
+                "seconds": round(time.perf_counter() - t1, 1),
+            }
+            trajectory.append(point)
+            with open(f"{out}.trajectory.jsonl", "a") as f:  # readable while the run goes on
+                f.write(json.dumps(point) + "\n")
+
+    t1 = time.perf_counter()
     res = pool.encode_corpus(
         corpus,
         out,
         shard_size=args.shard_size,
         batch_size=args.batch_size,
         progress=False,
-        on_shard_done=lambda _p, r: peaks.__setitem__(
-            r["pid"], max(peaks.get(r["pid"], 0), r["peak_rss_mb"])
-        ),
+        on_shard_done=on_shard,
     )
     pool.close()
     ray.shutdown()
@@ -84,7 +105,8 @@ def child(args: argparse.Namespace, corpus: Path, model: Path, workers: int, thr
         "startup_s": startup,
         "seconds": res.seconds,
         "passages_per_s": res.passages_per_second,
-        "actor_peak_rss_mb": sorted(peaks.values()),
+        "actor_peak_rss_mb": [peaks[k] for k in sorted(peaks)],
+        "trajectory": trajectory,
     }
 
 
@@ -97,11 +119,18 @@ def main() -> None:
     )
     ap.add_argument("--shard-size", type=int, default=250)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--milestone", type=int, default=5000, help="passages between two RSS samples")
+    ap.add_argument(
+        "--cycle", type=int, default=0, help="corpus = the first CYCLE passages repeated (0 = all distinct)"
+    )
     ap.add_argument("--work", default="")
+    ap.add_argument(
+        "--model", default="", help="an existing backbone dir (e.g. the quickstart one); default: build one"
+    )
     ap.add_argument("--_child", nargs=4, default=None)
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-encode-"))
-    model = work / "model"
+    model = Path(args.model) if args.model else work / "model"
     if args._child:
         corpus, w, t, out = args._child
         print("RESULT " + json.dumps(child(args, Path(corpus), model, int(w), int(t), Path(out))), flush=True)
@@ -131,18 +160,29 @@ def main() -> None:
         lines = f.readlines()
     runs = []
     for size in sizes:
-        d = work / f"c{size}"
+        d = work / (f"c{size}" if not args.cycle else f"c{size}-cycle{args.cycle}")
         d.mkdir(exist_ok=True)
-        (d / "corpus.jsonl").write_text("".join(lines[:size]))
+        if args.cycle:
+            # The first --cycle passages again and again (ids made unique): every repetition has the same texts and
+            # so the same batch shapes, and only the corpus size grows.
+            rows = [json.loads(x) for x in lines[: args.cycle]]
+            text = "".join(
+                json.dumps({**r, "_id": f"{r['_id']}#{i // len(rows)}"}, ensure_ascii=False) + "\n"
+                for i, r in ((i, rows[i % len(rows)]) for i in range(size))
+            )
+        else:
+            text = "".join(lines[:size])
+        (d / "corpus.jsonl").write_text(text)
         todo = args.configs.split(",") if size == sizes[0] else [args.rss_config]
         for conf in todo:
             w, t = conf.split("x")
-            out = work / f"emb-{size}-{conf}"
-            subprocess.run(["rm", "-rf", str(out)], check=True)
+            out = work / f"emb-{d.name}-{conf}"
+            subprocess.run(["rm", "-rf", str(out), f"{out}.trajectory.jsonl"], check=True)
             load_before = _uptime()
             p = subprocess.run(
                 [
                     *(sys.executable, str(HERE), "--work", str(work), "--shard-size", str(args.shard_size)),
+                    *("--milestone", str(args.milestone), "--model", str(model)),
                     *(
                         "--batch-size",
                         str(args.batch_size),

@@ -475,6 +475,10 @@ class IndexConfig:
     ef_search: int = 128  # HNSW: candidate list while searching (FAISS uses max(ef_search, k))
     train_sample: int = 100000  # vectors per shard the quantizers are trained on (random sample, eval.seed)
     recall_queries: int = 200  # queries sampled to measure recall@k against exact search; 0 = not measured
+    # Exact re-ranking of approximate candidates: 0 = off; R >= 1 = each shard's index returns top_k * R
+    # candidates, re-scored by exact inner products against the shard's memory-mapped vectors, best top_k kept
+    # (recovers the ranking PQ codes cannot resolve; costs reading the candidates' rows).
+    refine_factor: int = 0
 
     def validate(self, p: str) -> None:
         for name in ("nlist", "nprobe", "pq_m", "hnsw_m", "ef_construction", "ef_search", "train_sample"):
@@ -483,6 +487,7 @@ class IndexConfig:
         _check(self.pq_nbits in range(1, 17), f"{p}.pq_nbits", self.pq_nbits, "an integer in 1..16")
         _check(self.nprobe <= self.nlist, f"{p}.nprobe", self.nprobe, f"an integer <= nlist ({self.nlist})")
         _check(self.recall_queries >= 0, f"{p}.recall_queries", self.recall_queries, "an integer >= 0")
+        _check(self.refine_factor >= 0, f"{p}.refine_factor", self.refine_factor, "an integer >= 0 (0 = off)")
         if self.kind == "ivf_pq":
             _check(
                 (self.pq_nbits * self.pq_m) <= 8 * 1024,
@@ -528,6 +533,9 @@ class EvalConfig:
     search_block: int = (
         65536  # rows of a memory-mapped shard searched at once by the exact index (flat memory)
     )
+    # How exact search scores a block: "torch" (matmul + top-k on the mapped rows; measured fastest, see
+    # docs/evaluation.md), "faiss_knn" (faiss.knn on the mapped rows) or "faiss_index" (an IndexFlatIP per block).
+    search_kernel: Literal["torch", "faiss_knn", "faiss_index"] = "torch"
     # Passages per embedding shard (= per FAISS index shard, searched in parallel).
     shard_size: int = 20000
     top_k: int = 100

@@ -95,6 +95,7 @@ def _search(args: argparse.Namespace) -> int:
             threads=ev.search_threads,
             cpus_per_task=max(1, ev.cpus_per_worker),
             block=ev.search_block,
+            kernel=ev.search_kernel,
             seed=ev.seed,
         )
     finally:

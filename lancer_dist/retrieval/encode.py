@@ -65,6 +65,24 @@ def encode_shard(
     }
 
 
+def _rss_mb() -> tuple[float, float]:
+    """(VmRSS, VmHWM) of this process in MB: its resident memory now and at its peak. ``VmHWM`` rather than
+    ``ru_maxrss``, which Linux carries over from the parent process across fork + exec."""
+    import resource
+
+    vals: dict[str, float] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = line.split(":", 1)[0]
+                if key in ("VmRSS", "VmHWM"):
+                    vals[key] = int(line.split()[1]) / 1024.0
+    except OSError:  # not Linux
+        pass
+    peak = vals.get("VmHWM", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+    return vals.get("VmRSS", peak), peak
+
+
 class EncodeWorker:
     """The Ray actor body (wrapped with ``ray.remote`` at run time, with the job's resources)."""
 
@@ -78,12 +96,11 @@ class EncodeWorker:
         return os.getpid()
 
     def encode(self, plan: dict[str, Any], out_dir: str, dtype: str, batch_size: int) -> dict[str, Any]:
-        import resource
-
         res = encode_shard(self.encoder, ShardPlan(**plan), out_dir, dtype, batch_size)
         res["pid"] = os.getpid()
-        # This actor's peak resident memory so far (MB): flat in corpus size, bounded by one shard's texts/embeddings.
-        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        # This actor's resident memory now and its peak so far (MB): flat in corpus size, bounded by one shard's
+        # texts / embeddings (nothing is kept between shards) and the largest batch's activations.
+        res["rss_mb"], res["peak_rss_mb"] = _rss_mb()
         return res
 
     def encode_texts(self, texts: list[str], is_query: bool, batch_size: int) -> np.ndarray:

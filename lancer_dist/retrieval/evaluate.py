@@ -233,6 +233,7 @@ def index_recall(
         threads=ev.search_threads,
         cpus_per_task=max(1, ev.cpus_per_worker),
         block=ev.search_block,
+        kernel=ev.search_kernel,
     )
     return topk_recall(sr.positions[rows], exact.positions)
 
@@ -442,6 +443,7 @@ def search_stage(
                 threads=ev.search_threads,
                 cpus_per_task=max(1, ev.cpus_per_worker),
                 block=ev.search_block,
+                kernel=ev.search_kernel,
                 seed=ev.seed,
             )
             recall = index_recall(store.path, q, sr, ev, tf)

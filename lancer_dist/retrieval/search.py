@@ -7,13 +7,15 @@ doubles its request: each list is then exactly its top-k in the total order, and
 the lists is exactly the global top-k. For exact search this equals brute force over the whole corpus.
 
 Exact search (``IndexConfig(kind="flat")`` / ``"Flat"``) memory-maps each shard block by block, so memory stays a
-few blocks whatever the corpus size; blocks are searched by a thread pool (FAISS releases the GIL). Approximate
-indexes (``IndexConfig`` ivf_flat / ivf_pq / hnsw, or any ``faiss.index_factory`` string) are built per shard with
-``METRIC_INNER_PRODUCT``, trained on a random sample of the shard, filled block by block. Across nodes, groups of
-shards run as Ray tasks (``parallel="ray"``). With faiss-gpu installed and a GPU visible, approximate shard indexes
-are moved to the GPU (``index_cpu_to_all_gpus``).
-Without faiss-gpu, exact search on a visible GPU runs :func:`exact_topk_torch` per block (a torch matmul +
-top-k, same total order).
+few blocks whatever the corpus size; blocks are searched by a thread pool, each by one matmul + top-k on the mapped
+rows (:func:`exact_topk_torch`: no copy of a float32 block, no index; on the GPU when one is visible; torch releases
+the GIL). ``kernel="faiss_knn"`` (``faiss.knn``) and ``"faiss_index"`` (an ``IndexFlatIP`` per block) are the
+alternatives the benchmark measures. Approximate indexes (``IndexConfig`` ivf_flat / ivf_pq / hnsw, or any
+``faiss.index_factory`` string) are built per shard with ``METRIC_INNER_PRODUCT``, trained on a random sample of
+the shard, filled block by block; with ``refine_factor`` R each shard's ``k * R`` approximate candidates are
+re-scored exactly against its memory-mapped vectors (:func:`rerank_exact`). Across nodes, groups of shards run as
+Ray tasks (``parallel="ray"``). With faiss-gpu installed and a GPU visible, approximate shard indexes are moved to
+the GPU (``index_cpu_to_all_gpus``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "default_threads",
     "exact_topk_torch",
     "merge_topk",
+    "rerank_exact",
     "search_arrays",
     "search_index_exact",
     "search_shards_local",
@@ -131,20 +134,6 @@ def exact_topk_torch(
         out_s[rows, :k_eff] = vals.cpu().numpy()
         out_p[rows, :k_eff] = idx.cpu().numpy() + offset
     return out_s, out_p
-
-
-def _torch_gpu_flat(factory: str) -> bool:
-    """Exact search on the GPU with torch: a Flat index, a visible GPU, and no faiss-gpu to do it."""
-    if factory != "Flat":
-        return False
-    import torch
-
-    if not torch.cuda.is_available():
-        return False
-    try:
-        return not _gpu_available()
-    except ImportError:
-        return True
 
 
 def _gpu_available() -> bool:
@@ -258,16 +247,63 @@ def _read_block(path: Path, start: int, stop: int, transform: Affine | None) -> 
     return transform(x) if transform is not None else x
 
 
-def _search_flat_block(
-    path: Path, start: int, stop: int, offset: int, q_QD: np.ndarray, k: int, transform: Affine | None
-) -> tuple[np.ndarray, np.ndarray]:
+def _map_block(path: Path, start: int, stop: int, transform: Affine | None) -> np.ndarray:
+    """Rows ``[start, stop)`` as float32, without a copy when the shard is float32 and nothing transforms it: a
+    copy-on-write memory map of just those rows (writable, so torch takes it as is; nothing writes to it),
+    unmapped when its last reference goes. Otherwise the converted copy of :func:`_read_block`."""
+    dtype, _, dim, offset = _shard_rows(path)
+    if dtype != np.float32 or transform is not None:
+        return _read_block(path, start, stop, transform)
+    return np.memmap(
+        path, dtype=dtype, mode="c", offset=offset + start * dim * dtype.itemsize, shape=(stop - start, dim)
+    )
+
+
+KERNELS = ("torch", "faiss_knn", "faiss_index")  # how one exact block is searched (eval.search_kernel)
+
+
+def _knn_exact(q_QD: np.ndarray, x_ND: np.ndarray, k: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """``faiss.knn`` (FAISS's sgemm + heaps, no index) asked for ``k + 1``; the rows whose (k+1)-th score ties
+    their k-th (a tie may straddle the cut) are redone by :func:`exact_topk_torch`, which resolves ties in
+    position order."""
     import faiss
 
-    x = _read_block(path, start, stop, transform)
-    if _torch_gpu_flat("Flat"):
-        # a visible GPU without faiss-gpu: the torch matmul + top-k, same total order (ties included)
-        return exact_topk_torch(q_QD, x, k, offset + start)
+    n = x_ND.shape[0]
+    k_eff = min(k, n)
+    if k_eff == 0:
+        return np.full((q_QD.shape[0], k), -np.inf, np.float32), np.full((q_QD.shape[0], k), -1, np.int64)
+    ask = min(k_eff + 1, n)
+    D, Id = faiss.knn(q_QD, x_ND, ask, metric=faiss.METRIC_INNER_PRODUCT)
+    s_out, p_out = sort_candidates(D.astype(np.float32), _positions(Id, offset), k)
+    if ask > k_eff:
+        rows = np.flatnonzero(D[:, ask - 1] >= D[:, k_eff - 1])
+        if rows.size:
+            s_out[rows], p_out[rows] = exact_topk_torch(q_QD[rows], x_ND, k, offset, device="cpu")
+    return s_out, p_out
+
+
+def _search_flat_block(
+    path: Path,
+    start: int,
+    stop: int,
+    offset: int,
+    q_QD: np.ndarray,
+    k: int,
+    transform: Affine | None,
+    kernel: str = "torch",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of one memory-mapped block in the total order, by ``kernel``: "torch" (one matmul + top-k on
+    the mapped rows, no copy; on the GPU when one is visible), "faiss_knn" (``faiss.knn`` on the mapped rows, no
+    index), or "faiss_index" (the block copied into an ``IndexFlatIP``: the earlier path, kept so the benchmark
+    can compare). Each releases the GIL, so a thread pool searches blocks in parallel."""
+    if kernel == "torch":
+        return exact_topk_torch(q_QD, _map_block(path, start, stop, transform), k, offset + start)
+    import faiss
+
     faiss.omp_set_num_threads(1)  # parallelism comes from the thread pool; one OpenMP thread per block search
+    if kernel == "faiss_knn":
+        return _knn_exact(q_QD, _map_block(path, start, stop, transform), k, offset + start)
+    x = _read_block(path, start, stop, transform)
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
     del x
@@ -334,6 +370,37 @@ def build_shard_index(
     return idx
 
 
+def rerank_exact(
+    path: Path,
+    offset: int,
+    q_QD: np.ndarray,
+    cand_QC: np.ndarray,
+    k: int,
+    transform: Affine | None = None,
+    max_rows: int = 65536,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score candidate positions (global, ``offset`` = the shard's first position; -1 = padding) of one shard
+    by exact float32 inner products with its memory-mapped vectors, and keep the best ``k`` of each row in the
+    total order. Only the candidates' rows are read, for as many queries at a time as make ``max_rows`` candidate
+    rows (at least one query), so memory is bounded by ``max_rows`` rows whatever the shard size."""
+    mm = np.load(path, mmap_mode="r", allow_pickle=False)
+    q = np.ascontiguousarray(q_QD, dtype=np.float32)
+    cand = np.asarray(cand_QC, dtype=np.int64)
+    out_s = np.full((q.shape[0], k), -np.inf, np.float32)
+    out_p = np.full((q.shape[0], k), -1, np.int64)
+    query_chunk = max(1, max_rows // max(1, cand.shape[1]))
+    for a in range(0, q.shape[0], query_chunk):
+        c = cand[a : a + query_chunk]
+        valid = c >= 0
+        rows, inv = np.unique(np.where(valid, c - offset, 0), return_inverse=True)
+        x = np.asarray(mm[rows], dtype=np.float32)  # sorted rows: one pass over the file
+        x = transform(x) if transform is not None else x
+        s = np.einsum("qcd,qd->qc", x[inv.reshape(c.shape)], q[a : a + query_chunk])
+        out_s[a : a + len(c)], out_p[a : a + len(c)] = sort_candidates(np.where(valid, s, -np.inf), c, k)
+    del mm
+    return out_s, out_p
+
+
 def _search_approx_shard(
     path: Path,
     offset: int,
@@ -348,7 +415,11 @@ def _search_approx_shard(
 
     faiss.omp_set_num_threads(1)
     idx = build_shard_index(path, index, transform, block, seed)
-    return search_index_exact(idx, q_QD, k, offset)
+    refine = 0 if isinstance(index, str) else index.refine_factor
+    if not refine:
+        return search_index_exact(idx, q_QD, k, offset)
+    _, cand = search_index_exact(idx, q_QD, k * refine, offset)
+    return rerank_exact(path, offset, q_QD, cand, k, transform)
 
 
 def search_shards_local(
@@ -362,12 +433,16 @@ def search_shards_local(
     threads: int = 0,
     block: int = 65536,
     seed: int = 0,
+    kernel: str = "torch",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k over some shards of a store in this process. Exact (``Flat``): every shard is cut into blocks of
-    ``block`` memory-mapped rows and the blocks are searched by a pool of ``threads`` threads (FAISS releases the
-    GIL, one OpenMP thread each); approximate: one index per shard, shards built and searched in parallel. The
+    ``block`` memory-mapped rows and the blocks are searched by a pool of ``threads`` threads, each block by
+    ``kernel`` (see :func:`_search_flat_block`; torch and FAISS release the GIL; one torch / OpenMP thread per
+    block while the pool runs); approximate: one index per shard, shards built and searched in parallel. The
     per-block / per-shard top-k lists go through the exact merge. ``threads`` 0 = :func:`default_threads`; 1 =
-    sequential in the calling thread."""
+    sequential in the calling thread (torch then keeps its own thread setting)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"eval.search_kernel must be one of {KERNELS}, got {kernel!r}")
     from lancer_dist.retrieval.store import emb_path
 
     root = Path(store_path)
@@ -379,7 +454,9 @@ def search_shards_local(
             n = _shard_rows(path)[1]
             for start in range(0, n, block):
                 jobs.append(
-                    partial(_search_flat_block, path, start, min(n, start + block), off, q, k, transform)
+                    partial(
+                        _search_flat_block, path, start, min(n, start + block), off, q, k, transform, kernel
+                    )
                 )
         else:
             jobs.append(partial(_search_approx_shard, path, off, q, k, index, transform, block, seed + shard))
@@ -389,8 +466,17 @@ def search_shards_local(
     if threads == 1 or len(jobs) == 1:
         parts = [job() for job in jobs]
     else:
-        with ThreadPoolExecutor(max_workers=min(threads, len(jobs))) as pool:
-            parts = list(pool.map(lambda job: job(), jobs))
+        import torch
+
+        # The pool is the parallelism: one intra-op thread per torch block search (a process-wide setting,
+        # restored after).
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(max_workers=min(threads, len(jobs))) as pool:
+                parts = list(pool.map(lambda job: job(), jobs))
+        finally:
+            torch.set_num_threads(torch_threads)
     return merge_topk(parts, k)
 
 
@@ -405,9 +491,12 @@ def _search_group_task(
     threads: int,
     block: int,
     seed: int,
+    kernel: str,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     t0 = time.perf_counter()
-    s, p = search_shards_local(store_path, shards, offsets, q_QD, k, index, transform, threads, block, seed)
+    s, p = search_shards_local(
+        store_path, shards, offsets, q_QD, k, index, transform, threads, block, seed, kernel
+    )
     return s, p, time.perf_counter() - t0
 
 
@@ -438,6 +527,7 @@ def search_store(
     ray_tasks: int = 0,
     block: int = 65536,
     seed: int = 0,
+    kernel: str = "torch",
 ) -> SearchResult:
     """Search every shard of an :class:`EmbeddingStore` with ``factory`` (an ``IndexConfig`` or a FAISS factory
     string), applying ``transform`` (a post-hoc baseline) to passages (queries must already be transformed).
@@ -445,7 +535,8 @@ def search_store(
     ``parallel``: "threads" (the default, measured fastest on one node: blocks / shards searched by a pool of
     ``threads`` threads, 0 = the CPUs of this process), "ray" (shards split into ``ray_tasks`` groups, 0 = one per
     alive Ray node, each group one task of ``cpus_per_task`` CPUs that searches its shards with that many threads;
-    the queries are put in the object store once), or "none" (sequential: the reference)."""
+    the queries are put in the object store once), or "none" (sequential: the reference). ``kernel``: how an
+    exact block is searched (:func:`_search_flat_block`; "torch", the default, was measured fastest)."""
     t0 = time.perf_counter()
     store = EmbeddingStore(store_path)
     offsets = [int(o) for o in np.cumsum([0] + [s.get("rows", s["count"]) for s in store.manifest["shards"]])]
@@ -467,9 +558,8 @@ def search_store(
                 "EncoderPools first)",
                 cpus_per_task,
             )
-        task = ray.remote(_search_group_task).options(  # type: ignore[call-overload]
-            num_cpus=cpus_per_task, scheduling_strategy="SPREAD"
-        )
+        group_task: Any = _search_group_task  # Ray's stubs type remote functions of at most 10 arguments
+        task = ray.remote(group_task).options(num_cpus=cpus_per_task, scheduling_strategy="SPREAD")
         q_ref = ray.put(q)
         t_ref = ray.put(transform)
         refs = [
@@ -484,6 +574,7 @@ def search_store(
                 cpus_per_task,
                 block,
                 seed,
+                kernel,
             )
             for g in groups
         ]
@@ -501,6 +592,7 @@ def search_store(
             threads if parallel == "threads" else 1,
             block,
             seed,
+            kernel,
         )
     else:
         raise ValueError(f"parallel must be 'threads', 'ray' or 'none', got {parallel!r}")

@@ -108,6 +108,8 @@ def test_cli_config_show(tmp_path):
         ("eval.index.pq_nbits=17", "eval.index.pq_nbits", "1..16"),
         ("eval.index.ef_search=0", "eval.index.ef_search", ">= 1"),
         ("eval.index.recall_queries=-1", "eval.index.recall_queries", ">= 0"),
+        ("eval.index.refine_factor=-1", "eval.index.refine_factor", ">= 0"),
+        ("eval.search_kernel=gemm", "eval.search_kernel", "torch"),
         ("eval.search_parallel=mpi", "eval.search_parallel", "one of"),
         ("eval.search_block=0", "eval.search_block", ">= 1"),
     ],

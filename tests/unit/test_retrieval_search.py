@@ -141,11 +141,16 @@ def test_tie_expansion_is_bounded():
 # ---------------------------------------------------------------------------------------------------- at scale
 
 
+KERNELS = ["torch", "faiss_knn", "faiss_index"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize(
     ("shard_size", "block", "threads"), [(1000, 7, 2), (64, 16, 2), (37, 1000, 3), (300, 50, 1)]
 )
-def test_threaded_blocked_search_equals_brute_force_with_ties(tmp_path, shard_size, block, threads):
-    """The default path: memory-mapped shards cut into blocks, searched by a thread pool, exact merge."""
+def test_threaded_blocked_search_equals_brute_force_with_ties(tmp_path, shard_size, block, threads, kernel):
+    """The default path: memory-mapped shards cut into blocks, searched by a thread pool, exact merge; each
+    block kernel (torch matmul + top-k, faiss.knn, an IndexFlatIP per block)."""
     q, p = _integer_data(5)
     k = 20
     ref_s, ref_p = brute_force_topk(q, p, k)
@@ -153,9 +158,61 @@ def test_threaded_blocked_search_equals_brute_force_with_ties(tmp_path, shard_si
     kth = ref_s[:, k - 1 : k]
     assert np.any(((full == kth).sum(1)) > ((ref_s == kth).sum(1))), "no tie straddles the k-th place"
     write_store(tmp_path, p, [f"doc{i}" for i in range(len(p))], shard_size=shard_size)
-    res = search_store(tmp_path, q, k, parallel="threads", threads=threads, block=block)
+    res = search_store(tmp_path, q, k, parallel="threads", threads=threads, block=block, kernel=kernel)
     np.testing.assert_array_equal(res.positions, ref_p)
     np.testing.assert_array_equal(res.scores, ref_s)
+
+
+def _numpy_topk_ties(q: np.ndarray, p: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Independent of the package: float64 inner products (exact on small integers), each row ordered by a
+    Python sort on (-score, position)."""
+    full = q.astype(np.float64) @ p.astype(np.float64).T
+    pos = np.array([sorted(range(p.shape[0]), key=lambda j, r=r: (-r[j], j))[:k] for r in full], np.int64)
+    return np.take_along_axis(full, pos, axis=1).astype(np.float32), pos
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize(("dtype", "shard_size", "block"), [("float32", 1000, 1000), ("float16", 256, 37)])
+def test_blocked_kernels_equal_numpy_reference_with_ties(tmp_path, kernel, dtype, shard_size, block):
+    """Each block kernel, on the default threaded path, against a numpy/Python reference; values in {-1, 0, 1}
+    make most scores tie, so the k-th place falls inside a tie group in most rows. With one block, the block's
+    own cut is the global one: neither torch.topk nor faiss.knn returns the lowest positions of a tie (measured),
+    so this fails unless the kernel resolves straddling ties itself."""
+    rng = np.random.default_rng(11)
+    p = rng.integers(-1, 2, size=(700, 5)).astype(np.float32)
+    q = rng.integers(-1, 2, size=(40, 5)).astype(np.float32)
+    k = 30
+    ref_s, ref_p = _numpy_topk_ties(q, p, k)
+    full = q @ p.T
+    straddles = ((full >= ref_s[:, -1:]).sum(1) > k).mean()
+    assert straddles > 0.5, straddles  # ties at the cut in most rows, or the test shows nothing
+    write_store(tmp_path, p.astype(dtype), [str(i) for i in range(len(p))], shard_size=shard_size)
+    res = search_store(tmp_path, q, k, threads=2, block=block, kernel=kernel)
+    np.testing.assert_array_equal(res.positions, ref_p)
+    np.testing.assert_array_equal(res.scores, ref_s)
+
+
+def test_unknown_kernel_is_refused(tmp_path):
+    q, p = _integer_data(12, n=20, q=2)
+    write_store(tmp_path, p, [str(i) for i in range(20)], shard_size=10)
+    with pytest.raises(ValueError, match="search_kernel"):
+        search_store(tmp_path, q, 3, kernel="gemm")
+
+
+def test_float32_blocks_are_mapped_not_copied(tmp_path):
+    """The torch / faiss.knn kernels read a float32 block in place (a map of the file), a float16 one converted."""
+    from lancer_dist.retrieval.search import _map_block
+    from lancer_dist.retrieval.store import emb_path
+
+    p = np.arange(60, dtype=np.float32).reshape(12, 5)
+    write_store(tmp_path / "f32", p, [str(i) for i in range(12)], shard_size=12)
+    x = _map_block(emb_path(tmp_path / "f32", 0), 4, 9, None)
+    assert isinstance(x, np.memmap) and x.dtype == np.float32
+    np.testing.assert_array_equal(x, p[4:9])
+    write_store(tmp_path / "f16", p.astype(np.float16), [str(i) for i in range(12)], shard_size=12)
+    y = _map_block(emb_path(tmp_path / "f16", 0), 4, 9, None)
+    assert not isinstance(y, np.memmap) and y.dtype == np.float32
+    np.testing.assert_array_equal(y, p[4:9])
 
 
 def test_float16_store_exact_on_representable_data(tmp_path):
@@ -274,3 +331,61 @@ def test_eval_index_recall_on_a_query_sample(tmp_path):
     assert got == pytest.approx(_numpy_recall(sr.positions[rows], q[rows], p, 20), abs=1e-12)
     assert got is not None and got < 1.0
     assert index_recall(tmp_path, q, sr, EvalConfig(top_k=20), None) is None  # exact index: nothing to report
+
+
+# ------------------------------------------------------------------------------------ exact re-ranking (refine)
+
+
+def test_rerank_exact_equals_numpy_over_the_candidates(tmp_path):
+    """Re-scoring arbitrary candidate lists (padding included) = the top-k of those candidates by numpy, ties by
+    position; positions are global (the shard starts at ``offset``)."""
+    from lancer_dist.retrieval.search import rerank_exact
+    from lancer_dist.retrieval.store import emb_path
+
+    rng = np.random.default_rng(13)
+    p = rng.integers(-1, 2, size=(400, 6)).astype(np.float32)
+    q = rng.integers(-1, 2, size=(50, 6)).astype(np.float32)
+    write_store(tmp_path, p, [str(i) for i in range(400)], shard_size=400)
+    offset, k, C = 1000, 7, 40
+    cand = np.stack([rng.choice(400, C, replace=False) for _ in range(50)]) + offset
+    cand[::5, -3:] = -1  # padding in some rows
+    s, pos = rerank_exact(emb_path(tmp_path, 0), offset, q, cand, k, max_rows=16 * C)
+    for i in range(50):
+        c = [int(x) for x in cand[i] if x >= 0]
+        want = sorted(c, key=lambda j: (-float(q[i] @ p[j - offset]), j))[:k]
+        assert pos[i].tolist() == want
+        np.testing.assert_array_equal(s[i], [q[i] @ p[j - offset] for j in want])
+    assert len({tuple(r) for r in pos}) > 1
+
+
+def test_ivf_pq_refined_over_every_candidate_is_exact(tmp_path):
+    """Every cell probed and k * refine_factor >= shard size: re-ranking sees the whole shard, so the result is
+    brute force, ties included; without re-ranking, PQ codes on the same data are not."""
+    from lancer_dist.config import IndexConfig
+
+    q, p = _integer_data(14, n=600, q=20, d=8)
+    k = 10
+    write_store(tmp_path, p, [str(i) for i in range(600)], shard_size=300)
+    base = {"kind": "ivf_pq", "nlist": 4, "nprobe": 4, "pq_m": 2, "pq_nbits": 4, "train_sample": 300}
+    refined = search_store(tmp_path, q, k, IndexConfig(**base, refine_factor=30))
+    ref_s, ref_p = brute_force_topk(q, p, k)
+    np.testing.assert_array_equal(refined.positions, ref_p)
+    np.testing.assert_array_equal(refined.scores, ref_s)
+    plain = search_store(tmp_path, q, k, IndexConfig(**base))
+    assert not np.array_equal(plain.positions, ref_p)
+
+
+def test_refine_raises_ivf_pq_recall(tmp_path):
+    from lancer_dist.config import IndexConfig
+    from lancer_dist.retrieval.search import topk_recall
+
+    q, p = _clustered(15)
+    k = 20
+    write_store(tmp_path, p, [str(i) for i in range(len(p))], shard_size=2000)
+    exact = search_store(tmp_path, q, k)
+    base = {"kind": "ivf_pq", "nlist": 16, "nprobe": 8, "pq_m": 4, "pq_nbits": 4, "train_sample": 1500}
+    r0 = topk_recall(search_store(tmp_path, q, k, IndexConfig(**base)).positions, exact.positions)
+    refined = search_store(tmp_path, q, k, IndexConfig(**base, refine_factor=8))
+    r8 = topk_recall(refined.positions, exact.positions)
+    assert r8 == pytest.approx(_numpy_recall(refined.positions, q, p, k), abs=1e-12)
+    assert r8 > r0 + 0.2, (r0, r8)
