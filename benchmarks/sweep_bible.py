@@ -12,7 +12,7 @@ baseline + LEACE and LANCER on the held-out books. Per point it records, from th
 writes ``<out>/summary.json`` and ``<out>/summary.md``, and draws the plots (``--img``, default docs/img/).
 Already finished trainings / evals in ``<out>`` are reused (delete a directory to rerun it).
 
-    python benchmarks/sweep_bible.py                       # every point (hours on 2 CPU cores)
+    OMP_NUM_THREADS=2 python benchmarks/sweep_bible.py     # every point (hours on 2 CPU cores)
     python benchmarks/sweep_bible.py --points L4-lam3-m8   # one point
     python benchmarks/sweep_bible.py --plot-only           # redraw from <out>/*/eval/results.json
 
