@@ -55,6 +55,7 @@ POINTS: dict[str, list[str]] = {
     "L4-lam1-m8": [L4, *QUICK, "loss.erasure_weight=1"],
     "L4-lam3-m24": [L4, *QUICK, "data.erasure.passages_per_language=24", "loss.erasure_chunk=104"],
     "L12-lam3-m8": [FULL, *QUICK],
+    "L4-lam10-m8": [L4, *QUICK, "loss.erasure_weight=10"],
 }
 # The CLI of this checkout (``python -m``: the same interpreter, independent of which ``lancer`` is on PATH).
 LANCER = [sys.executable, "-m", "lancer_dist.cli"]
