@@ -62,7 +62,8 @@ def child(args: argparse.Namespace, corpus: Path, model: Path, workers: int, thr
 
     cfg = load_config(HERE.parents[1] / "configs" / "quickstart.yaml")
     spec = EncoderSpec.from_model_config(str(model), cfg.model)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # a new instance: never attach to a cluster `ray start` left on this host (ray.init() without an address would)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     t0 = time.perf_counter()
     pool = EncoderPool(spec, num_workers=workers, cpus_per_worker=threads)
     startup = time.perf_counter() - t0

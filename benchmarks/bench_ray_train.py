@@ -101,6 +101,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="lbench", dir="/tmp"))
     t0 = time.perf_counter()
     ray.init(
+        address="local",  # a new instance: never attach to a cluster `ray start` left on this host
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=200 * 1024**2,

@@ -143,7 +143,7 @@ def child(mode: str, store: str, qfile: str, k: int, block: int, out: str, extra
     elif mode == "ray":
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         search_store(store, q[:2], k, parallel="ray", ray_tasks=2, cpus_per_task=1, block=block)  # warm-up
         t0 = time.perf_counter()
         r = search_store(store, q, k, parallel="ray", ray_tasks=2, cpus_per_task=1, block=block)
