@@ -9,8 +9,43 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
+from typing import Any
+
+from lancer_dist.redact import redact
 
 __all__ = ["setup_logging"]
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to the ``sys.stderr`` of the moment, not the one at set-up (like :data:`logging.lastResort`): a stream
+    swapped and closed since (an embedding application's, a test's capture) is never written to. Everything it
+    emits is redacted - the message, an attached traceback and, when an emit fails, the logging-error report, whose
+    traceback carries the exception being handled at the call (an MLflow error naming the tracking URI with its
+    password, for example)."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not (logging.raiseExceptions and sys.stderr):
+            return
+        try:
+            sys.stderr.write("--- Logging error ---\n" + redact(traceback.format_exc()))
+            sys.stderr.write(
+                redact(
+                    f"while logging {record.name} {record.levelname} from {record.pathname}:{record.lineno}\n"
+                )
+            )
+        except Exception:  # nothing left to report to
+            pass
 
 
 def setup_logging(rank: int | None = None) -> None:
@@ -19,7 +54,7 @@ def setup_logging(rank: int | None = None) -> None:
     prefix = f"[rank{rank}] " if rank is not None else ""
     root = logging.getLogger()
     if not any(getattr(h, "_lancer", False) for h in root.handlers):
-        h = logging.StreamHandler(sys.stderr)
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter(prefix + "%(asctime)s %(levelname)s %(name)s: %(message)s"))
         h._lancer = True  # type: ignore[attr-defined]
         root.addHandler(h)
