@@ -102,6 +102,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Destroy the default process group, if one exists, after a last barrier: a process that exits with its group
+    alive leaves the backend's threads (NCCL's watchdog, gloo's workers) to be torn down during interpreter exit,
+    which PyTorch warns about and which can abort or hang the exit. For a process that owns its group (the
+    ``lancer train`` command under torchrun or alone); a Ray Train worker's group belongs to Ray Train."""
+    if is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def find_free_port(host: str = "127.0.0.1") -> int:
     """An ephemeral TCP port free at the time of the call (for rendezvous in tests and cluster front-ends)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

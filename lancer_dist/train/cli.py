@@ -16,6 +16,8 @@ def _train(args: argparse.Namespace) -> int:
     from lancer_dist.train.trainer import check_launch_config, train
 
     check_launch_config(cfg)
+    from lancer_dist import dist
+
     try:
         result = train(cfg)
     except OutputDirLocked as e:
@@ -24,6 +26,7 @@ def _train(args: argparse.Namespace) -> int:
     except CheckpointError as e:  # disk full, a crafted or corrupt checkpoint: the message says which file
         print(f"lancer: error: {e}", file=sys.stderr)
         return 1
+    dist.shutdown()  # this command's process owns its group (torchrun or alone): torn down before exit
     if result.preempted:
         print(
             f"preempted at step {result.step}; checkpoint saved, exiting {PREEMPTED_EXIT_CODE}",

@@ -14,9 +14,9 @@ import sys
 from itertools import islice
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
+from lancer_dist import dist
 from lancer_dist.config import load_config
 from lancer_dist.data.stream import TrainStream
 from lancer_dist.train.trainer import Trainer
@@ -40,7 +40,7 @@ def main(config: str, out: str, steps: int = 1, save_final: bool = False) -> Non
         Path(out, "metrics.json").write_text(json.dumps(metrics))
     if save_final:
         tr.save_final_model()  # a collective too
-    torch.distributed.barrier() if torch.distributed.is_initialized() else None
+    dist.shutdown()  # a last barrier, then the group is destroyed before the interpreter exits
 
 
 if __name__ == "__main__":
