@@ -238,14 +238,23 @@ def index_recall(
     return topk_recall(sr.positions[rows], exact.positions)
 
 
+RATIO_COLUMNS = frozenset({"L_C / floor"})  # ratios, not fractions: printed as they are
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A markdown table (numbers as percentages with one decimal, like the paper)."""
+    """A markdown table: fractions (metrics, probe accuracy) as percentages with one decimal, like the paper;
+    ratios (:data:`RATIO_COLUMNS`) with two decimals as they are."""
     if not rows:
         return ""
     cols = list(rows[0])
-    fmt = lambda v: f"{100 * v:.1f}" if isinstance(v, float) else str(v)  # noqa: E731
+
+    def fmt(col: str, v: Any) -> str:
+        if not isinstance(v, float):
+            return str(v)
+        return f"{v:.2f}" if col in RATIO_COLUMNS else f"{100 * v:.1f}"
+
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(c, r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 

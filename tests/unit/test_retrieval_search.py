@@ -389,3 +389,13 @@ def test_refine_raises_ivf_pq_recall(tmp_path):
     r8 = topk_recall(refined.positions, exact.positions)
     assert r8 == pytest.approx(_numpy_recall(refined.positions, q, p, k), abs=1e-12)
     assert r8 > r0 + 0.2, (r0, r8)
+
+
+def test_eval_table_prints_fractions_as_percent_and_ratios_as_they_are() -> None:
+    from lancer_dist.retrieval.evaluate import format_table
+
+    rows = [{"method": "base", "pool nDCG@10": 0.1234, "probe acc": 0.995, "L_C / floor": 2.7231}]
+    header, _sep, row = format_table(rows).splitlines()
+    assert header == "| method | pool nDCG@10 | probe acc | L_C / floor |"
+    # the ratio 2.72 was printed as 272.3 (x100 like a fraction) in the quickstart's table
+    assert row == "| base | 12.3 | 99.5 | 2.72 |"
