@@ -32,6 +32,15 @@ def fresh_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[logging.Logger]:
         root.setLevel(level)
 
 
+def _stderr_with_lancer_logging(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
+    """Make sys.stderr a StringIO and set lancer's handler up while it is. Called in the test body: pytest's own
+    capture swaps sys.stderr again between a fixture's set-up and the test."""
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    setup_logging()
+    return stream
+
+
 def _ours(root: logging.Logger) -> logging.Handler:
     (h,) = [h for h in root.handlers if getattr(h, "_lancer", False)]
     return h
@@ -40,12 +49,10 @@ def _ours(root: logging.Logger) -> logging.Handler:
 def test_the_handler_follows_sys_stderr_after_a_swap_and_close(
     fresh_root: logging.Logger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", first)
-    setup_logging()
+    err = _stderr_with_lancer_logging(monkeypatch)
     logging.getLogger("lancer.test").info("one")
-    assert "one" in first.getvalue()
-    first.close()  # the stream the handler was set up with is gone
+    assert "one" in err.getvalue()
+    err.close()  # the stream the handler was set up with is gone
     second = io.StringIO()
     monkeypatch.setattr(sys, "stderr", second)
     logging.getLogger("lancer.test").info("two")
@@ -56,9 +63,7 @@ def test_the_handler_follows_sys_stderr_after_a_swap_and_close(
 def test_messages_and_tracebacks_are_redacted(
     fresh_root: logging.Logger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    err = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", err)
-    setup_logging()
+    err = _stderr_with_lancer_logging(monkeypatch)
     log = logging.getLogger("lancer.test")
     log.warning("store %s is down", URI)
     try:
@@ -76,10 +81,8 @@ def test_messages_and_tracebacks_are_redacted(
 def test_a_failed_emit_reports_without_the_secret(
     fresh_root: logging.Logger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    err = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", err)
     monkeypatch.setattr(logging, "raiseExceptions", True)
-    setup_logging()
+    err = _stderr_with_lancer_logging(monkeypatch)
     h = _ours(fresh_root)
 
     class Broken(io.StringIO):
