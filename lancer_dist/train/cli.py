@@ -20,12 +20,17 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         result = train(cfg)
-    except OutputDirLocked as e:
+    except OutputDirLocked as e:  # every rank got rank 0's verdict and raised together
         print(f"lancer: error: {e}", file=sys.stderr)
+        dist.shutdown()
         return 3
     except CheckpointError as e:  # disk full, a crafted or corrupt checkpoint: the message says which file
         print(f"lancer: error: {e}", file=sys.stderr)
+        dist.shutdown(barrier=False)  # possibly this rank's own error: the others may never reach a barrier
         return 1
+    except BaseException:
+        dist.shutdown(barrier=False)
+        raise
     dist.shutdown()  # this command's process owns its group (torchrun or alone): torn down before exit
     if result.preempted:
         print(
