@@ -26,7 +26,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -46,6 +46,9 @@ from lancer_dist.train.parallel import (
     shard_fsdp,
 )
 from lancer_dist.train.run_identity import resume_run_id, run_fingerprint
+
+if TYPE_CHECKING:
+    from lancer_dist.model import BiEncoder
 
 log = logging.getLogger("lancer.train")
 
@@ -308,7 +311,7 @@ class Trainer:
         whatever the size of the negative pool. Gradients are reduced once, with the last chunk: DDP under
         ``no_sync`` before it, DeepSpeed (ZeRO 0-2) with its gradient-accumulation boundary off before it."""
         size = self.cfg.train.grad_cache_chunk_size
-        enc = self.accelerator.unwrap_model(self.model)  # keeps Accelerate's autocast + fp32-output wrapper
+        enc = self.unwrapped()  # keeps Accelerate's autocast + fp32-output wrapper
         inputs = [
             (b.query_input_ids, b.query_attention_mask, True),
             (b.passage_input_ids, b.passage_attention_mask, False),
@@ -366,7 +369,7 @@ class Trainer:
         from lancer_dist.train.erasure_chunks import chunked_erasure_backward
 
         c = self.cfg
-        enc = self.accelerator.unwrap_model(self.model)
+        enc = self.unwrapped()
         terms = chunked_erasure_backward(
             lambda ids, mask: _encode_chunk(enc, ids, mask, False),
             lambda ids, mask: _encode_chunk(self.model, ids, mask, False),
@@ -645,19 +648,32 @@ class Trainer:
 
     # ---- final model ---------------------------------------------------------------------------------------
 
+    def unwrapped(self) -> BiEncoder:
+        """The bi-encoder inside its data-parallel wrapper (Accelerate's autocast wrapper of ``forward`` kept).
+        Only a DeepSpeed run asks Accelerate: its ``unwrap_model`` imports DeepSpeed (and DeepSpeed imports MLflow)
+        whenever it is installed, ~2.5 s of CPU per rank in a DDP or FSDP2 run that never uses it."""
+        if self.cfg.train.strategy == "deepspeed":
+            return self.accelerator.unwrap_model(self.model)  # type: ignore[no-any-return]
+        m = self.model
+        while isinstance(m, torch.nn.parallel.DistributedDataParallel):
+            m = m.module
+        return m  # type: ignore[no-any-return]
+
     def full_state_dict(self) -> dict[str, Tensor]:
         """The full parameters, gathered from ZeRO-3 or FSDP2 shards (a collective: every rank calls it); rank 0
         gets the full dict."""
         if self.fsdp:
             return dist.fsdp_full_state_dict(self.model)
-        return self.accelerator.get_state_dict(self.model)  # type: ignore[no-any-return]
+        if self.cfg.train.strategy == "deepspeed":  # gathers ZeRO-3 partitions
+            return self.accelerator.get_state_dict(self.model)  # type: ignore[no-any-return]
+        return self.unwrapped().state_dict()
 
     def save_final_model(self) -> Path:
         out = self.out_dir / "final_model"
         state = self.full_state_dict()
         if self.rank == 0:
             # No new model is built here: under ZeRO-3 that would be a collective (zero.Init) on rank 0 alone.
-            self.accelerator.unwrap_model(self.model).save_pretrained(
+            self.unwrapped().save_pretrained(
                 out,
                 tokenizer=self.tokenizer,
                 extra={"run": self.cfg.name},

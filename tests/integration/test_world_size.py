@@ -84,9 +84,13 @@ def _kill_after_checkpoint(cmd: list[str], ckpt: Path, timeout: float = 600) -> 
 
 # (nproc, num_workers) of the uninterrupted runs; nproc 0 = `lancer train` without torchrun. ZeRO-2 runs under
 # torchrun (DeepSpeed needs the process-group environment even for one rank).
+# ZeRO-2 has one uninterrupted run (1 rank): the killed 2-rank run (steps 1-2 on 2 ranks) resumed on 1 rank, and
+# resumed on 3 ranks with 2 loader workers (steps 3-4 on 3 ranks), must both end at its weights, which covers 2 and 3
+# ranks under ZeRO-2 (two uninterrupted 2- and 3-rank ZeRO-2 runs here cost ~40 s of CI and added no claim: world-size
+# invariance of the data with loader workers from step 1 is the DDP plan's, the same pipeline for every strategy).
 PLANS = {
     "ddp": {"runs": [(0, 0), (2, 2), (3, 0)], "resume": [(1, 2), (3, 0)], "one": 0},
-    "deepspeed": {"runs": [(1, 0), (2, 2), (3, 2)], "resume": [(1, 0), (3, 2)], "one": 1},
+    "deepspeed": {"runs": [(1, 0)], "resume": [(1, 0), (3, 2)], "one": 1},
 }
 
 
