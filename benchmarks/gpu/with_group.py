@@ -27,6 +27,9 @@ def main() -> None:
         dist.init_process_group(backend)
     sys.argv = [module, *rest]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
+    if dist.is_initialized():  # a group left alive is torn down during interpreter exit, which can abort it
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

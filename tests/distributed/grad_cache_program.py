@@ -113,7 +113,7 @@ def main(config: str, out: str, sabotage: str = "") -> None:
             }
         )
     )
-    dist.barrier()
+    dist.shutdown()  # a last barrier, then the group is destroyed before the interpreter exits
 
 
 if __name__ == "__main__":
