@@ -43,6 +43,7 @@ from lancer_dist.train.parallel import (
     build_accelerator,
     check_launch_config,
     deepspeed_config,
+    effective_zero_stage,
     shard_fsdp,
 )
 from lancer_dist.train.run_identity import resume_run_id, run_fingerprint
@@ -98,6 +99,55 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def run_strategy(cfg: RunConfig) -> dict[str, Any]:
+    """What a checkpoint records of the strategy that wrote it: ``{"strategy": ..., "zero_stage": N or None}``."""
+    stage = effective_zero_stage(cfg) if cfg.train.strategy == "deepspeed" else None
+    return {"strategy": cfg.train.strategy, "zero_stage": stage}
+
+
+def saved_strategy(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """The strategy that wrote checkpoint ``path``: as its trainer state records it, or (a checkpoint from before
+    that record) read from its layout: ``fsdp/`` shards (FSDP2), ``pytorch_model/`` (a DeepSpeed engine, stage
+    unknown), else Accelerate's full model and optimizer (DDP / one process)."""
+    if "strategy" in state:
+        return {"strategy": state["strategy"], "zero_stage": state.get("zero_stage")}
+    from lancer_dist.train.fsdp_state import FSDP_DIR
+
+    if (path / FSDP_DIR).is_dir():
+        return {"strategy": "fsdp", "zero_stage": None}
+    if (path / "pytorch_model").is_dir():
+        return {"strategy": "deepspeed", "zero_stage": None}
+    return {"strategy": "ddp", "zero_stage": None}
+
+
+def _describe(s: dict[str, Any]) -> str:
+    if s["strategy"] == "deepspeed":
+        return "DeepSpeed ZeRO-" + (str(s["zero_stage"]) if s["zero_stage"] is not None else "?")
+    return {"ddp": "DDP", "fsdp": "FSDP2"}[s["strategy"]]
+
+
+def check_resume_strategy(path: Path, state: dict[str, Any], cfg: RunConfig, world: int) -> None:
+    """Refuse a checkpoint written under another parallel strategy (issue #11): each stores the model and optimizer
+    state in its own layout (Accelerate's full state dicts, FSDP2's per-rank shards, DeepSpeed's engine files; ZeRO-3
+    partitions the parameters themselves), and none reads another's. The world size may differ (each strategy
+    re-assembles or re-partitions its own state; ZeRO-3 refuses that separately). A ConfigError naming
+    ``train.strategy``, the checkpoint and both strategies and world sizes."""
+    saved, now = saved_strategy(path, state), run_strategy(cfg)
+    same = saved["strategy"] == now["strategy"]
+    if same and now["strategy"] == "deepspeed" and saved["zero_stage"] is not None:
+        same = (saved["zero_stage"] == 3) == (now["zero_stage"] == 3)  # ZeRO-3's files are not ZeRO-0/1/2's
+    if not same:
+        saved_world = state.get("world_size", "?")
+        raise ConfigError(
+            "train.strategy",
+            cfg.train.strategy if now["strategy"] != "deepspeed" else _describe(now),
+            f"the strategy of the checkpoint to resume: {path} was written by {_describe(saved)} on {saved_world} "
+            f"rank(s), and this run is {_describe(now)} on {world} rank(s); a checkpoint's model and optimizer "
+            "state are in its strategy's own layout and are not converted. Resume with the checkpoint's "
+            "strategy, or start a new run (train.checkpoint.resume=never) from the saved final model",
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -558,6 +608,7 @@ class Trainer:
         state = {
             "step": self.step,
             "world_size": self.world,
+            **run_strategy(self.cfg),  # refused by another strategy on resume (check_resume_strategy)
             "run_id": self.tracker.run_id,
             "run_fingerprint": self.fingerprint,
             "probe_history": self.probe_history,
@@ -588,6 +639,7 @@ class Trainer:
                 str(path),
                 f"a checkpoint with a global {STREAM_STATE} (this one predates world-size-invariant streams)",
             )
+        check_resume_strategy(path, state, self.cfg, self.world)
         if state["world_size"] != self.world:
             log.info("resuming a %d-rank checkpoint on %d ranks", state["world_size"], self.world)
         self.checkpoints.load(path, verified=True)

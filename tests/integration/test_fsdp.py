@@ -1,14 +1,10 @@
-"""FSDP2 (``train.strategy: fsdp``, issue #11) in the real trainer, 2 gloo ranks on CPU, tiny random-init backbones:
+"""FSDP2 (``train.strategy: fsdp``, issue #11) in the real trainer, 2 gloo ranks on CPU, a tiny random-init BERT:
 
-* N ranks == one process: one ``Trainer.train_step`` on ONE global batch split over 2 FSDP2 ranks
-  (tests/distributed/trainer_step_program.py) against one plain (unsharded, DDP-path) process on the full batch, for
-  the LANCER loss with negatives gathered from every rank; float64, losses to 1e-10, parameters after one AdamW step
-  to 1e-8; for an encoder (BERT) and a decoder (Qwen2, last-token pooling, left padding, LoRA, gradient
-  checkpointing). A run without gathered
-  negatives must miss the same bound by far (so the comparison can fail).
 * kill + resume is exact: SIGKILL a 2-rank FSDP2 run after its step-2 sharded checkpoint, resume, and the final model
   equals an uninterrupted run's (bit for bit in float64); the gathered final model is a normal model directory that
   sentence-transformers loads; a 2-rank sharded checkpoint loads into one process (re-assembled shards).
+
+N ranks == one process under FSDP2, for every backbone family: tests/integration/test_family_matrix.py.
 """
 
 from __future__ import annotations
@@ -25,7 +21,6 @@ from tests.integration.trainrun import (
     check,
     complete_checkpoints,
     kill_group,
-    one_trainer_step,
     run_train,
     start_group,
     torchrun_cmd,
@@ -35,43 +30,24 @@ from tests.integration.trainrun import (
 pytestmark = pytest.mark.slow
 
 
-def _backbone(family: str, vocab: int) -> dict:
-    if family == "bert":
-        return {
-            "backbone_config": {
-                "model_type": "bert",
-                "vocab_size": vocab,
-                "hidden_size": 16,
-                "num_hidden_layers": 2,
-                "num_attention_heads": 2,
-                "intermediate_size": 32,
-                "max_position_embeddings": 64,
-            },
-            "pooling": "mean",
-        }
+def _backbone(vocab: int) -> dict:
     return {
         "backbone_config": {
-            "model_type": "qwen2",
+            "model_type": "bert",
             "vocab_size": vocab,
             "hidden_size": 16,
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
-            "num_key_value_heads": 1,
             "intermediate_size": 32,
             "max_position_embeddings": 64,
         },
-        "pooling": "last_token",
-        "query_instruction": "Given a verse, retrieve related verses",
-        "lora": {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]},
-        # recomputed in the backward inside each FSDP2 block (the 1-process reference checkpoints too; that
-        # checkpointing leaves the gradients unchanged is tests/unit/test_model_options.py's)
-        "gradient_checkpointing": True,
+        "pooling": "mean",
     }
 
 
-def _config(tmp: Path, bible: Path, model_dir: Path, family: str, **sections) -> Path:
+def _config(tmp: Path, bible: Path, model_dir: Path, **sections) -> Path:
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    model = {**_backbone(family, vocab), "tokenizer": str(model_dir), **sections.pop("model", {})}
+    model = {**_backbone(vocab), "tokenizer": str(model_dir), **sections.pop("model", {})}
     tmp.mkdir(parents=True, exist_ok=True)
     return write_config(tmp, bible, model_dir, model=model, **sections)
 
@@ -81,39 +57,6 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     for k in a:  # full (gathered) parameters, not shards
         assert a[k].shape == b[k].shape, k
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
-
-
-@pytest.mark.parametrize("family", ["bert", "qwen2"])
-def test_fsdp_two_ranks_equal_one_process(tmp_path, bible_data, e5_small_model_dir, family):
-    train = {"lr": 1e-3, "precision": "fp64"}
-    ref_cfg = _config(tmp_path / "ref", bible_data, e5_small_model_dir, family, train=train)
-    m1, p1 = one_trainer_step(tmp_path / "ref" / "out", ref_cfg, 1)  # plain model, one process: the reference
-    fsdp = {**train, "strategy": "fsdp"}
-    cfg = _config(tmp_path / "fsdp", bible_data, e5_small_model_dir, family, train=fsdp)
-    m2, p2 = one_trainer_step(tmp_path / "fsdp" / "out", cfg, 2)
-    assert m2["sharded_parameters"] > 0 and m1["sharded_parameters"] == 0  # FSDP2 really sharded the model
-    for k in ("loss/total", "loss/retrieval", "loss/erasure", "grad_norm"):
-        assert m2[k] == pytest.approx(m1[k], abs=1e-10), k
-    assert m1["loss/erasure"] > 0.01 and m2["negatives_per_query"] == m1["negatives_per_query"] == 7
-    diff = _max_diff(p1, p2)
-    print(f"{family}: float64 FSDP2(2) vs 1 process, max |param diff| after one AdamW step: {diff:.2e}")
-    assert diff <= 1e-8
-    if (
-        family == "bert"
-    ):  # once (a third run): each rank's own negatives only must fail the same comparison by far
-        bad_cfg = _config(
-            tmp_path / "bad",
-            bible_data,
-            e5_small_model_dir,
-            family,
-            train=fsdp,
-            loss={"gather_negatives": False},
-        )
-        _mb, p_bad = one_trainer_step(tmp_path / "bad" / "out", bad_cfg, 2)
-        d_bad = _max_diff(p1, p_bad)
-        print(f"{family}: FSDP2(2) without gathered negatives vs 1 process: {d_bad:.2e}")
-        assert d_bad > 1e-5
-    assert any(".lora_" in k for k in p1) == (family == "qwen2")
 
 
 def _wait_for_checkpoint(ckpt_dir: Path, step: int, proc, timeout: float = 300) -> None:
@@ -126,21 +69,33 @@ def _wait_for_checkpoint(ckpt_dir: Path, step: int, proc, timeout: float = 300) 
         time.sleep(0.1)
 
 
-def test_fsdp_sigkill_and_resume_is_exact(tmp_path, bible_data, e5_small_model_dir):
-    steps = 4
-    sections = {
-        "train": {
-            "strategy": "fsdp",
-            "precision": "fp64",
-            "steps": steps,
-            "lr": 1e-3,
-            "checkpoint": {"every": 2},
-        }
-    }
-    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
-    check(run_train(_config(ref_dir, bible_data, e5_small_model_dir, "bert", **sections), nproc=2))
+STEPS = 4
 
-    cfg = _config(kill_dir, bible_data, e5_small_model_dir, "bert", **sections)
+
+def _sections(steps: int = STEPS, strategy: str = "fsdp") -> dict:
+    train = {
+        "strategy": strategy,
+        "precision": "fp64",
+        "steps": steps,
+        "lr": 1e-3,
+        "checkpoint": {"every": 2},
+    }
+    return {"train": train}
+
+
+@pytest.fixture(scope="module")
+def fsdp_ref(tmp_path_factory, bible_data, e5_small_model_dir) -> Path:
+    """An uninterrupted 2-rank FSDP2 run of 4 steps (float64), checkpoints at steps 2 and 4: its directory."""
+    ref_dir = tmp_path_factory.mktemp("fsdp-ref")
+    check(run_train(_config(ref_dir, bible_data, e5_small_model_dir, **_sections()), nproc=2))
+    return ref_dir
+
+
+def test_fsdp_sigkill_and_resume_is_exact(tmp_path, bible_data, e5_small_model_dir, fsdp_ref):
+    steps, sections = STEPS, _sections()
+    ref_dir, kill_dir = fsdp_ref, tmp_path / "kill"
+
+    cfg = _config(kill_dir, bible_data, e5_small_model_dir, **sections)
     proc = start_group(torchrun_cmd(2, "train", "--config", str(cfg)))
     try:
         _wait_for_checkpoint(kill_dir / "run/checkpoints", 2, proc)
@@ -162,7 +117,7 @@ def test_fsdp_sigkill_and_resume_is_exact(tmp_path, bible_data, e5_small_model_d
     resumed = run_train(cfg, nproc=2)
     check(resumed)
     assert "resumed from" in resumed.stderr
-    final_ref = load_file(str(ref_dir / "run/final_model/model.safetensors"))
+    final_ref = _final(ref_dir)
     final = load_file(str(kill_dir / "run/final_model/model.safetensors"))
     diff = _max_diff(final_ref, final)
     h_ref = json.loads((ref_dir / "run/history.json").read_text())
@@ -176,6 +131,73 @@ def test_fsdp_sigkill_and_resume_is_exact(tmp_path, bible_data, e5_small_model_d
         assert h["loss/total"] == pytest.approx(ref["loss/total"], abs=1e-12)
     _check_final_model(kill_dir / "run/final_model", cfg)
     _check_loads_on_one_process(complete_checkpoints(ref_dir / "run/checkpoints")[-1], final_ref, cfg)
+
+
+def _final(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "run/final_model/model.safetensors"))
+
+
+def test_fsdp_resume_on_another_world_size_is_exact(tmp_path, bible_data, e5_small_model_dir, fsdp_ref):
+    """A 2-rank FSDP2 checkpoint resumed on 1 process, and a 1-process FSDP2 checkpoint resumed on 2 ranks, end with
+    the weights of the uninterrupted 2-rank run (the shards of every saved rank are re-assembled and re-sharded;
+    float64: 1e-10, the bound of 2 ranks vs 1 process in the family matrix)."""
+    final_ref = _final(fsdp_ref)
+    ckpt2 = complete_checkpoints(fsdp_ref / "run/checkpoints")[0]
+    assert (
+        ckpt2.name == "step-00000002"
+        and json.loads((ckpt2 / "trainer_state.json").read_text())["world_size"] == 2
+    )
+
+    one = tmp_path / "2to1"
+    cfg = _config(one, bible_data, e5_small_model_dir, **_sections())
+    proc = run_train(cfg, f"train.checkpoint.resume={ckpt2}", nproc=1)
+    check(proc)
+    assert "resuming a 2-rank checkpoint on 1 ranks" in proc.stderr and "resumed from" in proc.stderr
+    d21 = _max_diff(final_ref, _final(one))
+
+    # a 1-process FSDP2 run (the same 4 steps: the lr schedule depends on train.steps), its step-2 checkpoint (one
+    # shard) resumed on 2 ranks
+    first = tmp_path / "1-first"
+    check(run_train(_config(first, bible_data, e5_small_model_dir, **_sections()), nproc=1))
+    ckpt1 = complete_checkpoints(first / "run/checkpoints")[0]
+    shards = [p.name for p in (ckpt1 / "fsdp").glob("*.safetensors")]
+    assert ckpt1.name == "step-00000002" and shards == ["rank00000.safetensors"]
+    two = tmp_path / "1to2"
+    cfg = _config(two, bible_data, e5_small_model_dir, **_sections())
+    proc = run_train(cfg, f"train.checkpoint.resume={ckpt1}", nproc=2)
+    check(proc)
+    assert "resuming a 1-rank checkpoint on 2 ranks" in proc.stderr
+    d12 = _max_diff(final_ref, _final(two))
+    # both resumed runs trained steps 3 and 4 only (a run that started over would log steps 1 and 2 too)
+    for d in (one, two):
+        assert [h["step"] for h in json.loads((d / "run/history.json").read_text())] == [3.0, 4.0]
+    print(
+        f"FSDP2 resume on another world size vs the uninterrupted 2-rank run: 2->1 {d21:.1e}, 1->2 {d12:.1e}"
+    )
+    assert d21 <= 1e-10 and d12 <= 1e-10
+
+
+@pytest.mark.parametrize("saved", ["ddp", "fsdp"])
+def test_resume_under_another_strategy_is_refused(tmp_path, bible_data, e5_small_model_dir, fsdp_ref, saved):
+    """A DDP checkpoint resumed under FSDP2, and an FSDP2 checkpoint under DDP: a clear error naming the field, the
+    checkpoint, both strategies and both world sizes, before anything is loaded (each strategy stores the model and
+    optimizer state in its own layout; the DeepSpeed pairs: tests/unit/test_checkpoint_strategy.py)."""
+    if saved == "fsdp":
+        ckpt = complete_checkpoints(fsdp_ref / "run/checkpoints")[0]
+        want = "written by FSDP2 on 2 rank(s), and this run is DDP on 1 rank(s)"
+    else:
+        first = tmp_path / "ddp"
+        check(run_train(_config(first, bible_data, e5_small_model_dir, **_sections(2, "ddp")), nproc=1))
+        ckpt = complete_checkpoints(first / "run/checkpoints")[-1]
+        want = "written by DDP on 1 rank(s), and this run is FSDP2 on 1 rank(s)"
+    now = "ddp" if saved == "fsdp" else "fsdp"
+    out = tmp_path / "resumed"
+    cfg = _config(out, bible_data, e5_small_model_dir, **_sections(strategy=now))
+    proc = run_train(cfg, f"train.checkpoint.resume={ckpt}", nproc=1)
+    assert proc.returncode != 0
+    err = " ".join(proc.stderr.split())
+    assert "config field 'train.strategy'" in err and str(ckpt) in err and want in err, proc.stderr[-3000:]
+    assert "resumed from" not in proc.stderr and not (out / "run/final_model").exists()
 
 
 def _check_loads_on_one_process(ckpt: Path, final: dict[str, torch.Tensor], cfg: Path) -> None:

@@ -6,7 +6,7 @@ gathered adapters.
 
 Two steps, because LoRA's B starts at zero: the first step moves only B (A's gradient is B^T(...) = 0), the second
 moves A as well. ZeRO-3 trains in float32 whatever ``train.precision`` says (its partitions are float32; see
-tests/integration/test_zero_equivalence.py and docs/backbones.md), so the statistics are those of that test: the
+tests/integration/test_family_matrix.py and docs/backbones.md), so the statistics are those of that test: the
 relative error of the adapters' update ||p - p_ref|| / ||p_ref - p_0|| and the largest single difference."""
 
 from __future__ import annotations
