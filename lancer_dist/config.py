@@ -149,6 +149,11 @@ class ModelConfig:
     # Overrides the backbone's hidden and attention dropout (0.0 for exactness tests); None keeps the backbone's.
     dropout: float | None = None
     freeze_embeddings: bool = False
+    # Train only the top k transformer layers (and what follows them: a final norm, a pooler); the embeddings and
+    # the layers below are frozen and cost no backward pass (lancer_dist/model/freeze.py). null = every layer.
+    # Composes with freeze_embeddings (the embeddings are frozen either way) and with LoRA (only the adapters of
+    # the top k layers train). A k above the backbone's layer count is refused when the backbone is built.
+    train_layers: int | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self, p: str) -> None:
@@ -184,6 +189,19 @@ class ModelConfig:
         )
         if self.dropout is not None:
             _check(0.0 <= self.dropout < 1.0, f"{p}.dropout", self.dropout, "a probability in [0, 1) or null")
+        if self.train_layers is not None:
+            n = (self.backbone_config or {}).get("num_hidden_layers")
+            _check(
+                isinstance(self.train_layers, int)
+                and not isinstance(self.train_layers, bool)
+                and self.train_layers >= 1
+                and (n is None or self.train_layers <= n),
+                f"{p}.train_layers",
+                self.train_layers,
+                "an integer >= 1 (the number of top layers to train)"
+                + (f" and <= {n} (model.backbone_config.num_hidden_layers)" if n is not None else "")
+                + ", or null for all",
+            )
 
     @property
     def query_text_prefix(self) -> str:

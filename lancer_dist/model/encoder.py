@@ -191,6 +191,11 @@ class BiEncoder(nn.Module):
                 emb = bb.get_input_embeddings()
                 if emb is not None:
                     emb.weight.requires_grad_(False)
+        if cfg.train_layers is not None:
+            from lancer_dist.model.freeze import train_top_layers
+
+            for bb in model.backbones():
+                train_top_layers(bb, cfg.train_layers)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         return model
