@@ -68,7 +68,11 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.dim() < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+        # A parameter partitioned by DeepSpeed ZeRO-3 (zero.Init) is an empty 1-D tensor on every rank: its real
+        # shape is ``ds_shape``. Judged by ``p.dim()`` every weight matrix looked like a bias, and ZeRO-3 trained
+        # with no weight decay at all.
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (no_decay if ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": cfg.train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -15,10 +15,16 @@ Bounds (docs/backbones.md "The family matrix" has the measured values):
 * ZeRO-2 (``train.precision: fp64``: float64 forward, but DeepSpeed's float32 master weights, Adam moments and
   gradient reduction): the first step's losses to 1e-10, the second's to 1e-5 (after a float32 update); parameters:
   relative update error ||p - p_ref|| / ||p_ref - p_0|| <= 1e-4 and max |diff| <= 2e-5, against the float64 process.
-* ZeRO-3 partitions and holds its parameters in float32 whatever the model dtype (``precision: fp64`` gives float64
-  losses only), so its reference is ONE ZeRO-3 process (a second launch, torchrun with 1 rank): losses to 1e-5,
-  relative update error <= 1e-4 and max |diff| <= 2e-5 over every parameter except BERT / XLM-R's attention key
-  biases. A key bias adds q . b_k to every logit of a query's softmax row, which the softmax ignores: its exact
+* ZeRO-3 partitions and holds its parameters in float32 whatever the model dtype (``precision: fp64`` gives a
+  float32 forward and float64 losses only). Against the same float64 process: losses to 1e-5 relative, relative
+  update error <= 5e-4 and max |diff| <= 1e-4 over every parameter except BERT / XLM-R's attention key biases: the
+  float32 forward's own distance from float64 (a plain float32 process against this reference: 1.8e-4 and 2.2e-5
+  for XLM-R, whose layer-1 attention-output LayerNorm gets near-zero gradients that Adam scales up; 3.4e-5 for
+  mBERT) sets the scale, measured 4.8e-6 .. 3.7e-4.
+  (Until 2026-12-01 ZeRO-3 was compared with one ZeRO-3 process only, which hid a real bug: ``build_optimizer``
+  judged a partitioned parameter's shape by its empty 1-D shard, so ZeRO-3 trained without weight decay; the
+  relative update error against this reference was 1.3e-2 for mBERT, 1.4e-3 for Qwen2, 3.4e-5 and 4.8e-6 after the
+  fix.) A key bias adds q . b_k to every logit of a query's softmax row, which the softmax ignores: its exact
   gradient is zero, what float32 leaves there is rounding noise of the summation order, and Adam's first steps turn
   noise above eps into updates of up to ~lr (measured: 7e-5 .. 6e-4 apart, while every other parameter is <= 1.4e-6).
   They are held to 2 x lr x steps. Under float64 (DDP, FSDP2, ZeRO-2's forward) the noise stays below Adam's eps.
@@ -87,11 +93,9 @@ def _configs(
     return out
 
 
-def _launch(
-    root: Path, nproc: int, configs: list[Path], torchrun: bool = False
-) -> dict[str, tuple[dict, dict]]:
+def _launch(root: Path, nproc: int, configs: list[Path]) -> dict[str, tuple[dict, dict]]:
     out = root / "out"
-    cmd = torchrun_cmd(nproc, module=PROG) if nproc > 1 or torchrun else [sys.executable, "-m", PROG]
+    cmd = torchrun_cmd(nproc, module=PROG) if nproc > 1 else [sys.executable, "-m", PROG]
     check(run_group([*cmd, str(out), str(STEPS), *map(str, configs)], 900))
     return {
         c.parent.name: (
@@ -144,9 +148,6 @@ def test_every_family_two_ranks_equal_one_process(
     exact = strategy in ("ddp", "fsdp")
     cfgs = _configs(tmp_path / "two", families, bible_data, e5_small_model_dir, train, sabotage=True)
     runs = _launch(tmp_path / "two", 2, cfgs)
-    if strategy == "zero3":  # float32 partitions: against ONE ZeRO-3 process (see the module docstring)
-        one = _configs(tmp_path / "one", families, bible_data, e5_small_model_dir, train, sabotage=False)
-        reference = _launch(tmp_path / "one", 1, one, torchrun=True)
     report, failures = [], []
     for name, (m2, p2) in runs.items():
         family = "xlmr" if name == SABOTAGE else name
@@ -162,7 +163,7 @@ def test_every_family_two_ranks_equal_one_process(
             sub = lambda d, ks=keys: {k: d[k] for k in ks}  # noqa: E731
             d, r = _max_diff(sub(p1), sub(p2)), _rel_update_err(sub(p2), sub(p1), sub(p0))
             line = f"{strategy} {name}: max |param diff| {d:.1e}, rel. update error {r:.1e}"
-            ok = d <= 2e-5 and r <= 1e-4
+            ok = (d <= 2e-5 and r <= 1e-4) if strategy == "zero2" else (d <= 1e-4 and r <= 5e-4)
             if kb:  # rounding noise that Adam scales to at most ~lr per step (see the module docstring)
                 dk = _max_diff({k: p1[k] for k in kb}, {k: p2[k] for k in kb})
                 line += f"; attention key biases: max {dk:.1e}"
@@ -177,8 +178,11 @@ def test_every_family_two_ranks_equal_one_process(
         h1, h2 = m1["history"], m2["history"]
         assert len(h1) == len(h2) == STEPS
         for i, (s1, s2) in enumerate(zip(h1, h2, strict=True)):
-            # after a DeepSpeed step the float32 master weights differ by float32 rounding: later losses too
+            # after a DeepSpeed step the float32 master weights differ by float32 rounding: later losses too;
+            # ZeRO-3's forward runs in float32 (its partitions' dtype): relative 1e-5
             tol = 1e-10 if exact or (strategy == "zero2" and i == 0) else 1e-5
+            if strategy == "zero3":
+                tol = 1e-5 * max(1.0, abs(s1["loss/total"]))
             for k in LOSSES + (("grad_norm",) if exact else ()):
                 if abs(s1[k] - s2[k]) > tol:
                     failures.append(
