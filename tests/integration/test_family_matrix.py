@@ -51,6 +51,7 @@ PROG = "tests.distributed.family_matrix_program"
 STEPS = 2
 LR = 1e-3
 SABOTAGE = "xlmr-local"  # XLM-R with each rank's own negatives only
+TOP1 = "mbert-top1"  # mBERT with model.train_layers: 1
 STRATEGIES: dict[str, dict] = {
     "ddp": {"precision": "fp64"},
     "fsdp": {"strategy": "fsdp", "precision": "fp64"},
@@ -78,6 +79,8 @@ def _configs(
     suffix: str = "",
 ) -> list[Path]:
     runs = {name: (model, {}) for name, model in families.items()}
+    # model.train_layers under every strategy: only the top layer (and the pooler) of mBERT trains
+    runs[TOP1] = ({**families["mbert"], "train_layers": 1}, {})
     if sabotage:
         runs[SABOTAGE] = (families["xlmr"], {"gather_negatives": False})
     out = []
@@ -194,5 +197,16 @@ def test_every_family_two_ranks_equal_one_process(
         # FSDP2 really sharded every family's parameters (DTensors); nothing else did
         assert (m2["sharded_parameters"] > 0) == (strategy == "fsdp") and m1["sharded_parameters"] == 0
         assert any(".lora_" in k for k in p1) == (family == "mistral")
+        if (
+            name == TOP1
+        ):  # the frozen embeddings and layer 0 are bit-identical to the start; the top layer moved
+            p0 = _initial_params(next(c for c in cfgs if c.parent.name == name))
+            frozen = [k for k in p0 if ".layer.1." not in k and ".pooler." not in k]
+            assert frozen and all(torch.equal(p2[k].to(p0[k].dtype), p0[k]) for k in frozen), strategy
+            assert all(
+                not torch.equal(p2[k].to(p0[k].dtype), p0[k])
+                for k in p0
+                if ".layer.1." in k and k.endswith("dense.weight")
+            )
     print("\n".join(report))
     assert not failures, "\n".join(failures)
