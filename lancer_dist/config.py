@@ -562,6 +562,9 @@ class EvalConfig:
     # threads (and Ray CPUs) per actor; 0 = the cluster's CPUs / num_workers (1 when num_workers is also 0).
     num_workers: int = 0
     cpus_per_worker: int = 1
+    # Seconds to wait for the encoding actors to start (placed, model loaded); then evaluation goes on with those
+    # that started (a warning says why the others did not), or fails naming the resources asked and free.
+    worker_start_timeout_s: float = 600.0
     # "" = $RAY_ADDRESS or a new local Ray instance; "auto" or host:port joins a cluster.
     ray_address: str = ""
     dtype: Literal["float32", "float16"] = "float32"
@@ -594,6 +597,12 @@ class EvalConfig:
             f"{p}.cpus_per_worker",
             self.cpus_per_worker,
             "an integer >= 0 (0 = the CPUs split evenly over num_workers)",
+        )
+        _check(
+            self.worker_start_timeout_s > 0,
+            f"{p}.worker_start_timeout_s",
+            self.worker_start_timeout_s,
+            "a number of seconds > 0",
         )
         _check(self.lsar_rank >= 0, f"{p}.lsar_rank", self.lsar_rank, "an integer >= 0")
         _check(all(k > 0 for k in self.recall_kt), f"{p}.recall_kt", self.recall_kt, "a list of integers > 0")

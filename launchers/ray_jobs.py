@@ -172,6 +172,9 @@ def runtime_env(job: RayJob) -> dict[str, Any]:
         # The offline model and data live in the submitter's cache (shared file system), not in the package.
         "LANCER_CACHE": str(cache_dir().resolve()),
         "PYTHONUNBUFFERED": "1",
+        # Ray folds log lines that differ only in their numbers ("rank 0/2" / "rank 1/2", two ranks' losses) into
+        # "[repeated Nx across cluster]" in the job log: every rank's lines are kept instead.
+        "RAY_DEDUP_LOGS": "0",
     }
     if _gpus_used(job) == 0:
         # CPU training and its process group are gloo; nothing may pick up a GPU by accident.

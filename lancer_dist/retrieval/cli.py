@@ -48,6 +48,8 @@ def _encode(args: argparse.Namespace) -> int:
         out,
         num_workers=ev.num_workers,
         cpus_per_worker=ev.cpus_per_worker,
+        ray_address=ev.ray_address,
+        start_timeout_s=ev.worker_start_timeout_s,
         shard_size=ev.shard_size,
         dtype=ev.dtype,
         batch_size=ev.batch_size,

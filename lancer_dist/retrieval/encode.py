@@ -65,6 +65,11 @@ def encode_shard(
     }
 
 
+def _resources(res: dict[str, float]) -> str:
+    """Ray's CPU / GPU counts as "2 CPU, 0 GPU" (the resources an encoding actor asks for)."""
+    return f"{res.get('CPU', 0.0):g} CPU, {res.get('GPU', 0.0):g} GPU"
+
+
 def _rss_mb() -> tuple[float, float]:
     """(VmRSS, VmHWM) of this process in MB: its resident memory now and at its peak. ``VmHWM`` rather than
     ``ru_maxrss``, which Linux carries over from the parent process across fork + exec."""
@@ -253,10 +258,12 @@ class EncoderPool:
         max_worker_restarts: int = 3,
         max_attempts_per_shard: int = 3,
         ray_address: str = "",
+        start_timeout_s: float = 600.0,
     ):
         import ray
 
         self.spec = spec
+        self.start_timeout_s = start_timeout_s
         self.max_worker_restarts = max_worker_restarts
         self.max_attempts_per_shard = max_attempts_per_shard
         self.started_ray = ensure_ray(ray_address)
@@ -292,11 +299,32 @@ class EncoderPool:
         self.actors[slot] = self._remote.remote(self.spec, self.cpus_per_worker, device)
 
     def _wait_ready(self, slots: list[int]) -> None:
+        """Wait until the actors of ``slots`` answer (they start and load the model in parallel).
+
+        An actor that cannot be placed (its CPUs / GPUs held by other work, or never offered) would otherwise wait
+        for ever: after ``start_timeout_s`` the pool goes on with the actors that started, killing the others and
+        logging why, or raises naming what each actor asked for and what the cluster had free when none started."""
         import ray
 
-        # Actors start (and load the model) in parallel; the first pid() answer of each means it is ready.
-        pids = ray.get([self.actors[s].pid.remote() for s in slots])
-        self.pids.update(dict(zip(slots, pids)))
+        refs = {self.actors[s].pid.remote(): s for s in slots}
+        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.start_timeout_s)
+        for ref in ready:
+            self.pids[refs[ref]] = ray.get(ref)  # raises RayActorError when the actor's __init__ failed
+        if not pending:
+            return
+        late = sorted(refs[r] for r in pending)
+        for slot in late:
+            ray.kill(self.actors.pop(slot))
+        why = (
+            f"{len(late)} of {len(slots)} encoding worker(s) did not start within {self.start_timeout_s:g} s "
+            f"(each asks for {self.cpus_per_worker} CPU(s) and {self.gpus_per_worker:g} GPU(s); the cluster has "
+            f"{_resources(ray.available_resources())} free of {_resources(ray.cluster_resources())})"
+        )
+        if not self.actors:
+            raise RuntimeError(
+                why + "; none is left to encode with (eval.num_workers / eval.cpus_per_worker)"
+            )
+        log.warning("%s; going on with %d worker(s)", why, len(self.actors))
 
     def _replace(self, slot: int) -> bool:
         self.actors.pop(slot, None)
@@ -427,11 +455,18 @@ def encode_corpus(
     num_workers: int = 0,
     cpus_per_worker: int = 1,
     gpus_per_worker: float | None = None,
+    ray_address: str = "",
+    start_timeout_s: float = 600.0,
     **kwargs: Any,
 ) -> EncodeResult:
     """Encode ``corpus_path`` (a BEIR dir or corpus.jsonl) into ``out_dir`` with a temporary :class:`EncoderPool`
     (see :meth:`EncoderPool.encode_corpus` for the keyword arguments). Starts a local Ray instance if none runs."""
     with EncoderPool(
-        spec, num_workers=num_workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker
+        spec,
+        num_workers=num_workers,
+        cpus_per_worker=cpus_per_worker,
+        gpus_per_worker=gpus_per_worker,
+        ray_address=ray_address,
+        start_timeout_s=start_timeout_s,
     ) as pool:
         return pool.encode_corpus(corpus_path, out_dir, **kwargs)

@@ -351,6 +351,7 @@ def encode_stage(cfg: RunConfig, plan: EvalPlan, progress: bool, log: Callable[[
             num_workers=ev.num_workers,
             cpus_per_worker=ev.cpus_per_worker,
             ray_address=ev.ray_address,
+            start_timeout_s=ev.worker_start_timeout_s,
         ) as pool:
             for c in plan.all_colls:
                 log(f"[eval] encoding {c.name} with {tag} ({path})")

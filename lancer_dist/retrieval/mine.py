@@ -328,6 +328,7 @@ def _cli(args: argparse.Namespace) -> int:
                 num_workers=cfg.eval.num_workers,
                 cpus_per_worker=cfg.eval.cpus_per_worker,
                 ray_address=cfg.eval.ray_address,
+                start_timeout_s=cfg.eval.worker_start_timeout_s,
             ) as pool:
                 result = mine_hard_negatives(
                     spec, args.collection, args.out, opts, pool=pool, overwrite=args.overwrite

@@ -140,3 +140,42 @@ def test_float16_and_ray_search_last(ray_env, setup):
     local = search_store(root / "out_f16", q, 10, parallel="none")
     np.testing.assert_array_equal(via_ray.positions, local.positions)
     assert via_ray.docids == local.docids
+
+
+def test_workers_that_cannot_start_are_dropped_or_named(ray_env, setup, tmp_path, caplog):
+    """An encoding actor Ray cannot place (its CPUs held by other work) must not hang the job: after the start
+    timeout the pool goes on with those that started, or fails naming what was asked and what was free."""
+    import logging
+
+    import ray
+
+    root, corpus, spec, ref, pool = setup
+    pool.close()  # the module pool's actors held both CPUs
+
+    @ray.remote(num_cpus=1)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()  # type: ignore[attr-defined]
+    try:
+        assert ray.get(holder.ready.remote(), timeout=60)
+        with (
+            caplog.at_level(logging.WARNING, logger="lancer_dist.retrieval.encode"),
+            EncoderPool(spec, num_workers=2, start_timeout_s=30) as two,  # the placed one loads in time
+        ):
+            assert len(two.actors) == 1 and len(two.pids) == 1
+            res = two.encode_corpus(root / "coll", tmp_path / "one", shard_size=40, progress=False)
+        assert res.encoded_shards == 3 and res.worker_failures == 0
+        _check_store(tmp_path / "one", corpus, ref)
+        assert "1 of 2 encoding worker(s) did not start within 30 s" in caplog.text
+        assert "each asks for 1 CPU(s) and 0 GPU(s)" in caplog.text and "free of 2 CPU" in caplog.text
+        assert "going on with 1 worker(s)" in caplog.text
+
+        with pytest.raises(RuntimeError, match=r"1 of 1 encoding worker\(s\) did not start within 3 s") as e:
+            EncoderPool(spec, num_workers=1, cpus_per_worker=2, start_timeout_s=3)
+        assert "each asks for 2 CPU(s)" in str(
+            e.value
+        ) and "the cluster has 1 CPU, 0 GPU free of 2 CPU" in str(e.value)
+    finally:
+        ray.kill(holder)

@@ -35,13 +35,30 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _lancer(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "launchers.cli", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "launchers.cli", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as e:  # say what the job was doing, not only that it took too long
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        m = re.search(r"Ray job (\S+)", out)
+        address = args[args.index("--address") + 1] if "--address" in args else ""
+        logs = ray_jobs.job_logs(address, m.group(1))[-6000:] if m and address else "(no job id)"
+        from ray.util.state import list_actors
+
+        actors = [
+            f"{a.class_name} {a.state} pid={a.pid} node={a.node_id}"
+            for a in list_actors(address=address, raise_on_missing_output=False, limit=200)
+            if a.state != "DEAD"
+        ]
+        pytest.fail(
+            f"`lancer {' '.join(args[:3])}` ran past {timeout} s; stdout:\n{out}\njob log:\n{logs}\n"
+            f"live actors: {actors}"
+        )
 
 
 def _data_overrides(run: Path, model_dir: Path, bible: Path) -> list[str]:
@@ -156,7 +173,8 @@ def test_ray_eval_job(ray_cluster: RayCluster, trained: tuple[str, Path], bible_
         f"model.tokenizer={run / 'final_model'}", f"eval.model={run / 'final_model'}",
         f"eval.collections=[{bible_data / 'eval' / 'multilingual_sampled'}]", "eval.baselines=[]",
         "eval.tsne_samples=0", f"eval.output_dir={out}", f"output_dir={out}",
-        f"tracking.tracking_uri=sqlite:///{run.parent / 'mlflow.db'}",
+        f"tracking.tracking_uri=sqlite:///{run.parent / 'mlflow.db'}", "eval.worker_start_timeout_s=120",
+        timeout=300,
     )  # fmt: skip
     m = re.search(r"submitted eval: Ray job (\S+)", r.stdout)
     assert m, r.stdout + r.stderr

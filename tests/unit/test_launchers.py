@@ -212,6 +212,7 @@ def test_ray_entrypoint_and_runtime_env(tmp_path: Path):
     assert spec.match_file("data/bible/x.json") and spec.match_file(".venv/bin/python")
     assert Path(env["env_vars"]["LANCER_CACHE"]).is_absolute()
     assert env["env_vars"]["CUDA_VISIBLE_DEVICES"] == ""
+    assert env["env_vars"]["RAY_DEDUP_LOGS"] == "0"  # every rank's lines reach the job log
     # GPU workers: the GPUs stay visible (Ray assigns each worker its own).
     gpu = RayJob(config=CFG, gpus_per_worker=1, working_dir=str(REPO))
     assert "CUDA_VISIBLE_DEVICES" not in runtime_env(gpu)["env_vars"]
