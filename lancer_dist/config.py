@@ -562,8 +562,9 @@ class EvalConfig:
     # threads (and Ray CPUs) per actor; 0 = the cluster's CPUs / num_workers (1 when num_workers is also 0).
     num_workers: int = 0
     cpus_per_worker: int = 1
-    # Seconds to wait for the encoding actors to start (placed, model loaded); then evaluation goes on with those
-    # that started (a warning says why the others did not), or fails naming the resources asked and free.
+    # Seconds to wait for Ray to place and start the encoding actors (loading the model is not counted); then
+    # evaluation goes on with those that started (a warning says why the others did not), or fails naming the
+    # resources asked and free.
     worker_start_timeout_s: float = 600.0
     # "" = $RAY_ADDRESS or a new local Ray instance; "auto" or host:port joins a cluster.
     ray_address: str = ""

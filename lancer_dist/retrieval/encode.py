@@ -92,12 +92,19 @@ class EncodeWorker:
     """The Ray actor body (wrapped with ``ray.remote`` at run time, with the job's resources)."""
 
     def __init__(self, spec: EncoderSpec, num_threads: int, device: str | None):
-        import torch
-
-        torch.set_num_threads(max(1, num_threads))
-        self.encoder = load_encoder(spec, device)
+        # Cheap on purpose: the pool times how long Ray takes to place and start the actor (pid()) apart from
+        # loading the model (load()), which may take long for a large model on a slow file system.
+        self.spec, self.num_threads, self.device = spec, num_threads, device
+        self.encoder: Any = None
 
     def pid(self) -> int:
+        return os.getpid()
+
+    def load(self) -> int:
+        import torch
+
+        torch.set_num_threads(max(1, self.num_threads))
+        self.encoder = load_encoder(self.spec, self.device)
         return os.getpid()
 
     def encode(self, plan: dict[str, Any], out_dir: str, dtype: str, batch_size: int) -> dict[str, Any]:
@@ -299,22 +306,26 @@ class EncoderPool:
         self.actors[slot] = self._remote.remote(self.spec, self.cpus_per_worker, device)
 
     def _wait_ready(self, slots: list[int]) -> None:
-        """Wait until the actors of ``slots`` answer (they start and load the model in parallel).
+        """Wait until the actors of ``slots`` are placed and started, then until they have loaded the model (in
+        parallel).
 
-        An actor that cannot be placed (its CPUs / GPUs held by other work, or never offered) would otherwise wait
-        for ever: after ``start_timeout_s`` the pool goes on with the actors that started, killing the others and
-        logging why, or raises naming what each actor asked for and what the cluster had free when none started."""
+        An actor that cannot be placed (its CPUs / GPUs held by other work, or more asked than any node has) would
+        otherwise wait for ever: after ``start_timeout_s`` the pool goes on with the actors that started, killing
+        the others and logging why, or raises naming what each actor asked for and what the cluster had free when
+        none started. Loading the model is not under that limit (a large model on a slow file system may take
+        long); a load that fails raises."""
         import ray
 
         refs = {self.actors[s].pid.remote(): s for s in slots}
         ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=self.start_timeout_s)
-        for ref in ready:
-            self.pids[refs[ref]] = ray.get(ref)  # raises RayActorError when the actor's __init__ failed
-        if not pending:
-            return
         late = sorted(refs[r] for r in pending)
         for slot in late:
             ray.kill(self.actors.pop(slot))
+        started = [refs[r] for r in ready]
+        pids = ray.get([self.actors[s].load.remote() for s in started])
+        self.pids.update(dict(zip(started, pids)))
+        if not late:
+            return
         why = (
             f"{len(late)} of {len(slots)} encoding worker(s) did not start within {self.start_timeout_s:g} s "
             f"(each asks for {self.cpus_per_worker} CPU(s) and {self.gpus_per_worker:g} GPU(s); the cluster has "

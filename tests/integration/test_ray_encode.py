@@ -162,13 +162,13 @@ def test_workers_that_cannot_start_are_dropped_or_named(ray_env, setup, tmp_path
         assert ray.get(holder.ready.remote(), timeout=60)
         with (
             caplog.at_level(logging.WARNING, logger="lancer_dist.retrieval.encode"),
-            EncoderPool(spec, num_workers=2, start_timeout_s=30) as two,  # the placed one loads in time
+            EncoderPool(spec, num_workers=2, start_timeout_s=15) as two,
         ):
             assert len(two.actors) == 1 and len(two.pids) == 1
             res = two.encode_corpus(root / "coll", tmp_path / "one", shard_size=40, progress=False)
         assert res.encoded_shards == 3 and res.worker_failures == 0
         _check_store(tmp_path / "one", corpus, ref)
-        assert "1 of 2 encoding worker(s) did not start within 30 s" in caplog.text
+        assert "1 of 2 encoding worker(s) did not start within 15 s" in caplog.text
         assert "each asks for 1 CPU(s) and 0 GPU(s)" in caplog.text and "free of 2 CPU" in caplog.text
         assert "going on with 1 worker(s)" in caplog.text
 
