@@ -268,6 +268,9 @@ def main() -> None:
     ap.add_argument("--ef-searches", default="128,256,512")
     ap.add_argument("--train-sample", type=int, default=50_000)
     ap.add_argument("--refines", default="0,4", help="IVF-PQ refine factors (0 = no re-ranking)")
+    ap.add_argument(
+        "--pq", action=argparse.BooleanOptionalAction, default=True, help="with --ann: run IVF-PQ"
+    )
     ap.add_argument("--work", default="")
     ap.add_argument("--_child", nargs=5, default=None)
     args = ap.parse_args()
@@ -332,7 +335,7 @@ def main() -> None:
                     summary[f"ratio {name} search-only / {other}"] = round(
                         results[name]["search_s"] / results[other]["seconds"], 2
                     )
-    if args.ann:
+    if args.ann and args.pq:
         pq = {
             "index": {
                 "kind": "ivf_pq",
