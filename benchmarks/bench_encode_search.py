@@ -34,12 +34,13 @@ def bench_encode(args: argparse.Namespace, work: Path) -> dict[str, float]:
     import ray
 
     from lancer_dist.config import ModelConfig
+    from lancer_dist.retrieval.collections import Collection
     from lancer_dist.retrieval.encode import EncoderPool, encode_corpus_local
     from lancer_dist.retrieval.encoder_io import EncoderSpec, load_encoder
-    from lancer_dist.retrieval.tiny import write_beir, write_tiny_encoder
+    from lancer_dist.retrieval.tiny import write_tiny_encoder
 
     corpus = _corpus(args.passages, args.words)
-    write_beir(work / "coll", corpus, {"q": {"text": "w1", "lang": "en"}}, {"q": {"d0": 1}})
+    Collection(corpus, {"q": {"text": "w1", "lang": "en"}}, {"q": {"d0": 1}}).write_beir(work / "coll")
     model = args.model or str(
         write_tiny_encoder(
             work / "model",

@@ -34,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from lancer_dist.data.errors import DataError
+from lancer_dist.data.errors import BadRecord, DataError
 
 __all__ = [
     "FORMAT_VERSION",
@@ -81,17 +81,6 @@ def _nonempty_str(where: str, key: str, rec: dict[str, Any], name: str, label: s
     if not value.strip():
         raise DataError(where, key, label, "empty text", reason=f"empty_{name}")
     return value
-
-
-@dataclass(frozen=True)
-class BadRecord:
-    """A shard member that could not be decoded (not UTF-8, not JSON), kept in its place by :func:`load_shard` so
-    that one bad record costs one record, not its whole shard. The record checks raise its ``error``."""
-
-    error: DataError
-
-    def get(self, _name: str, default: Any = None) -> Any:  # reads like a record without fields
-        return default
 
 
 def check_passage(where: str, key: str, rec: Any, languages: Collection[str] | None = None) -> None:

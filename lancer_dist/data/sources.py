@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lancer_dist.data.errors import DataError, decoded_lines, iter_jsonl
-from lancer_dist.data.shards import BadRecord, Manifest, ShardWriter, check_group
+from lancer_dist.data.errors import BadRecord, DataError, decoded_lines, iter_jsonl
+from lancer_dist.data.shards import Manifest, ShardWriter, check_group
 
 __all__ = [
     "GROUP_FORMATS",
@@ -61,12 +61,6 @@ def _split_input(spec: str) -> tuple[str, str]:
     if not sep or kind not in INPUT_KINDS or not loc:
         raise ValueError(f"input {spec!r}: expected KIND:LOCATION with KIND one of {', '.join(INPUT_KINDS)}")
     return kind, loc
-
-
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    """JSONL rows; a line that is not JSON comes as a :class:`BadRecord` in its place."""
-    for key, obj in iter_jsonl(path, strict=False):
-        yield key, BadRecord(obj) if isinstance(obj, DataError) else obj
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
@@ -179,7 +173,7 @@ def _iter_c4(files: Sequence[Path]) -> Iterator[tuple[str, str, Any]]:
     for path in files:
         lineno = 0
         try:
-            for key, row in _iter_jsonl(path):
+            for key, row in iter_jsonl(path, strict=False):
                 lineno = int(key.removeprefix("line "))
                 yield str(path), key, row
         except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
@@ -211,8 +205,13 @@ def iter_rows(
     path = Path(loc)
     if not path.is_file():
         raise DataError(path, None, "file", "no such file", "missing_file")
-    rows = {"jsonl": _iter_jsonl, "parquet": _iter_parquet, "csv": _iter_csv}.get(kind)
-    it = rows(path) if rows else _iter_tsv(path, tsv_columns)
+    it: Iterator[tuple[str, Any]]
+    if kind == "jsonl":
+        it = iter_jsonl(path, strict=False)  # a line that is not JSON comes as a BadRecord in its place
+    elif kind in ("parquet", "csv"):
+        it = (_iter_parquet if kind == "parquet" else _iter_csv)(path)
+    else:
+        it = _iter_tsv(path, tsv_columns)
     for label, row in it:
         yield str(path), label, row
 

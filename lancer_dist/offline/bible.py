@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lancer_dist.data.collections import write_beir
+from lancer_dist.retrieval.collections import write_beir
 
 __all__ = [
     "ALL_LANGUAGES",

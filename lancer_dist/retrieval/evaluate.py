@@ -86,12 +86,12 @@ class EvalCollection:
 
 
 def load_eval_collection(path: str | Path, name: str | None = None, split: str = "test") -> EvalCollection:
-    """Queries, judgments and answers of a BEIR directory, read with :func:`lancer_dist.data.collections.read_beir`
+    """Queries, judgments and answers of a BEIR directory, read with :func:`lancer_dist.retrieval.collections.read_beir`
     (bad records raise a ``DataError`` naming file, line and field; dangling judgments are counted and dropped).
 
     Queries without any judgment are dropped (they cannot be scored); the corpus is not kept (the encoder streams it).
     """
-    from lancer_dist.data.collections import read_beir
+    from lancer_dist.retrieval.collections import read_beir
 
     d = Path(path)
     coll = read_beir(d, split=split)

@@ -117,8 +117,8 @@ def select_negatives(
 
 
 def _read_queries(path: Path) -> dict[str, dict[str, Any]]:
-    from lancer_dist.data.collections import _id, _req
     from lancer_dist.data.errors import iter_jsonl
+    from lancer_dist.retrieval.collections import _id, _req
 
     out: dict[str, dict[str, Any]] = {}
     for key, obj in iter_jsonl(path):
