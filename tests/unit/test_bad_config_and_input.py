@@ -193,7 +193,7 @@ def test_one_non_utf8_record_is_skipped_alone_and_counted(tmp_path: Path) -> Non
         DataError, match=rf"{re.escape(name)}.*record 'en-005' field '<json>': not valid UTF-8"
     ):
         check_passage(name, "en-005", recs["en-005"])
-    st = TrainStream(cfg, make_tokenizer(), rank=0, world_size=1)
+    st = TrainStream.from_config(cfg, make_tokenizer(), rank=0, world_size=1)
     seen: Counter[str] = Counter()
     for b in st:
         seen.update(b.erasure_keys)
@@ -206,7 +206,7 @@ def test_one_non_utf8_record_is_skipped_alone_and_counted(tmp_path: Path) -> Non
     # without skipping: an error naming shard, record and field
     with pytest.raises(DataError, match=r"record 'en-005' field '<json>'"):
         list(
-            TrainStream(
+            TrainStream.from_config(
                 make_cfg(tmp_path, **{"data.shuffle_buffer": 0}), make_tokenizer(), rank=0, world_size=1
             )
         )
