@@ -73,6 +73,15 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"row {row}", rec
 
 
+def _row(path: Path, lineno: int, cells: list[str], names: Sequence[str], expected: str) -> tuple[str, Any]:
+    """``("line N", {name: cell})``, or a :class:`BadRecord` (``bad_row``) when the number of cells is not that of
+    ``names``."""
+    if len(cells) != len(names):
+        err = DataError(path, f"line {lineno}", "<columns>", f"{len(cells)} columns, {expected}", "bad_row")
+        return f"line {lineno}", BadRecord(err)
+    return f"line {lineno}", dict(zip(names, cells))
+
+
 def _iter_tsv(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, Any]]:
     with open(path, "rb") as f:
         lines = (text for _, text in decoded_lines(f, path))
@@ -82,17 +91,7 @@ def _iter_tsv(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, Any]]:
                 continue  # a header row naming the columns
             if not cells:
                 continue
-            if len(cells) != len(columns):
-                err = DataError(
-                    path,
-                    f"line {lineno}",
-                    "<columns>",
-                    f"{len(cells)} columns, expected {list(columns)}",
-                    "bad_row",
-                )
-                yield f"line {lineno}", BadRecord(err)
-                continue
-            yield f"line {lineno}", dict(zip(columns, cells))
+            yield _row(path, lineno, cells, columns, f"expected {list(columns)}")
 
 
 def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
@@ -109,17 +108,7 @@ def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
             lineno, start = start, reader.line_num + 1
             if not cells:
                 continue
-            if len(cells) != len(header):
-                err = DataError(
-                    path,
-                    f"line {lineno}",
-                    "<columns>",
-                    f"{len(cells)} columns, header has {header}",
-                    "bad_row",
-                )
-                yield f"line {lineno}", BadRecord(err)
-                continue
-            yield f"line {lineno}", dict(zip(header, cells))
+            yield _row(path, lineno, cells, header, f"header has {header}")
 
 
 def _load_hf(location: str, config: str | None, split: str) -> Iterable[Any]:

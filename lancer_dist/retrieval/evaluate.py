@@ -229,11 +229,7 @@ def index_recall(
         ev.top_k,
         "Flat",
         transform=transform,
-        parallel=ev.search_parallel,
-        threads=ev.search_threads,
-        cpus_per_task=max(1, ev.cpus_per_worker),
-        block=ev.search_block,
-        kernel=ev.search_kernel,
+        **ev.search_options(),
     )
     return topk_recall(sr.positions[rows], exact.positions)
 
@@ -448,11 +444,7 @@ def search_stage(
                 ev.top_k,
                 ev.index_spec(),
                 transform=tf,
-                parallel=ev.search_parallel,
-                threads=ev.search_threads,
-                cpus_per_task=max(1, ev.cpus_per_worker),
-                block=ev.search_block,
-                kernel=ev.search_kernel,
+                **ev.search_options(),
                 seed=ev.seed,
             )
             recall = index_recall(store.path, q, sr, ev, tf)
