@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from lancer_dist.data.errors import BadRecord, DataError
+from lancer_dist.fileio import atomic_write_text
 
 __all__ = [
     "FORMAT_VERSION",
@@ -525,9 +526,7 @@ class ShardWriter:
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             root=self.out_dir,
         )
-        tmp = self.out_dir / (MANIFEST_NAME + ".tmp")
-        tmp.write_text(manifest.to_json(), encoding="utf-8")
-        os.replace(tmp, self.out_dir / MANIFEST_NAME)
+        atomic_write_text(self.out_dir / MANIFEST_NAME, manifest.to_json())
         self.manifest = manifest
         return manifest
 
