@@ -30,16 +30,29 @@ def _corpus(n: int, words: int, seed: int = 0) -> dict[str, dict[str, str]]:
     return {f"d{i}": {"text": " ".join(rng.choice(vocab, size=words)), "lang": "en"} for i in range(n)}
 
 
+def _start_local_ray() -> None:
+    """A fresh 2-CPU local Ray instance (no dashboard) in its own temporary directory."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _temp_dir=tempfile.mkdtemp(prefix="lray", dir="/tmp"),
+    )
+
+
 def bench_encode(args: argparse.Namespace, work: Path) -> dict[str, float]:
     import ray
 
     from lancer_dist.config import ModelConfig
+    from lancer_dist.retrieval.collections import Collection
     from lancer_dist.retrieval.encode import EncoderPool, encode_corpus_local
     from lancer_dist.retrieval.encoder_io import EncoderSpec, load_encoder
-    from lancer_dist.retrieval.tiny import write_beir, write_tiny_encoder
+    from lancer_dist.retrieval.tiny import write_tiny_encoder
 
     corpus = _corpus(args.passages, args.words)
-    write_beir(work / "coll", corpus, {"q": {"text": "w1", "lang": "en"}}, {"q": {"d0": 1}})
+    Collection(corpus, {"q": {"text": "w1", "lang": "en"}}, {"q": {"d0": 1}}).write_beir(work / "coll")
     model = args.model or str(
         write_tiny_encoder(
             work / "model",
@@ -65,12 +78,7 @@ def bench_encode(args: argparse.Namespace, work: Path) -> dict[str, float]:
         encoder=enc,
     )
     out: dict[str, float] = {"local_1proc_passages_per_s": args.passages / local.seconds}
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=tempfile.mkdtemp(prefix="lray", dir="/tmp"),
-    )
+    _start_local_ray()
     try:
         for n in (1, 2):
             t0 = time.perf_counter()
@@ -115,12 +123,7 @@ def bench_search(args: argparse.Namespace, work: Path) -> dict[str, float]:
     t0 = time.perf_counter()
     seq = search_store(work / "store", q, args.k, parallel="none")
     out["sharded_sequential_s"] = time.perf_counter() - t0
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        _temp_dir=tempfile.mkdtemp(prefix="lray", dir="/tmp"),
-    )
+    _start_local_ray()
     try:
         # one task per shard (the default on one node would be one task for all shards)
         kw = {"parallel": "ray", "ray_tasks": args.search_shards}

@@ -86,7 +86,7 @@ def main() -> int:
             "train.warmup_steps": 0,
         }
         cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
-        stream = TrainStream(cfg, tok, rank=0, world_size=world)
+        stream = TrainStream.from_config(cfg, tok, rank=0, world_size=world)
         t0 = time.perf_counter()
         it = iter(stream)
         first = next(it)
@@ -98,10 +98,10 @@ def main() -> int:
         t2 = time.perf_counter()
         c2 = time.process_time()
         # resume mid-run from the state after step steps//2 (replays the current epoch of each sub-stream)
-        half = TrainStream(cfg, tok, rank=0, world_size=world, num_steps=args.steps // 2)
+        half = TrainStream.from_config(cfg, tok, rank=0, world_size=world, num_steps=args.steps // 2)
         for _ in half:
             pass
-        resumed = TrainStream(cfg, tok, rank=0, world_size=world)
+        resumed = TrainStream.from_config(cfg, tok, rank=0, world_size=world)
         resumed.load_state_dict(half.state_dict())
         t3 = time.perf_counter()
         next(iter(resumed))

@@ -173,7 +173,7 @@ def main() -> None:
             f"{100 * mean['erasure'] / mean['step']:.2f} % of a step"
         )
     # loader alone, same config, same rank layout
-    stream = TrainStream(cfg, tr.tokenizer, rank=dist.get_rank(), world_size=world)
+    stream = TrainStream.from_config(cfg, tr.tokenizer, rank=dist.get_rank(), world_size=world)
     n = min(cfg.train.steps, 3 * args.steps)
     sit = iter(stream)
     next(sit)  # start-up (worker spawn, first shard reads) is not the steady rate

@@ -628,6 +628,18 @@ class EvalConfig:
         """What each shard's index is: ``eval.index`` or, when set to anything but "Flat", ``eval.index_factory``."""
         return self.index if self.index_factory == "Flat" else self.index_factory
 
+    def search_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`lancer_dist.retrieval.search.search_store` that this section sets (how
+        the shards are searched, not what): the one mapping that ``lancer eval``, its index-recall check and
+        ``lancer search`` share."""
+        return {
+            "parallel": self.search_parallel,
+            "threads": self.search_threads,
+            "cpus_per_task": max(1, self.cpus_per_worker),
+            "block": self.search_block,
+            "kernel": self.search_kernel,
+        }
+
 
 @dataclass
 class RunConfig:

@@ -2,26 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-__all__ = ["atomic_write_json", "atomic_write_text", "progress"]
+__all__ = ["atomic_open", "atomic_write_json", "atomic_write_text", "progress"]
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w", *, fsync: bool = False) -> Iterator[IO[Any]]:
+    """A file to write ``path`` through, so that a reader sees the old file or the new one, never a part: a
+    temporary file beside it (unique per process), renamed onto ``path`` (``os.replace``) when the block ends
+    without an error, removed when it raises. ``mode``: "w" (UTF-8 text) or "wb". ``fsync``: flush to disk before
+    the rename (checkpoints)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
 
 
 def atomic_write_text(path: str | Path, text: str, *, fsync: bool = False) -> None:
-    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never a part: a temporary file
-    beside it (unique per process), then ``os.replace``. ``fsync``: flush to disk before the rename (checkpoints)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    """Write ``text`` to ``path`` through :func:`atomic_open`."""
+    with atomic_open(path, fsync=fsync) as f:
         f.write(text)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_write_json(path: str | Path, obj: Any, *, fsync: bool = False, indent: int | None = None) -> None:
@@ -42,7 +57,8 @@ class _NoBar:
 def progress(
     desc: str, unit: str, total: int, initial: int = 0, enabled: bool = True, unit_scale: bool = False
 ) -> Any:
-    """A tqdm bar on stderr (or a no-op with the same methods when ``enabled`` is false, e.g. on ranks > 0)."""
+    """A tqdm bar on stderr (or a no-op with the same methods when ``enabled`` is false, e.g. on ranks > 0).
+    ``unit_scale``: counts shown as 1.2k, 3.4M (passages), not for a few thousand steps."""
     if not enabled:
         return _NoBar()
     from tqdm import tqdm
@@ -52,7 +68,7 @@ def progress(
         initial=initial,
         desc=desc,
         unit=unit,
-        unit_scale=True,
+        unit_scale=unit_scale,
         dynamic_ncols=True,
         file=sys.stderr,
     )

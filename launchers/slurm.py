@@ -223,7 +223,7 @@ def render_train_script(job: SlurmJob, run_name: str | None = None) -> str:
         from lancer_dist.config import load_config
         from lancer_dist.data.stream import check_world_size
 
-        check_world_size(load_config(_abs(job, job.config), job.overrides), job.nodes * job.nprocs)
+        check_world_size(load_config(_abs(job, job.config), job.overrides).data, job.nodes * job.nprocs)
     gpu = job.gpus_per_node > 0
     log_dir = _abs(job, job.log_dir)
     extra = []

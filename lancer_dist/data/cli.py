@@ -11,7 +11,7 @@ import importlib
 DATA_VERB_MODULES = [
     "lancer_dist.data.cli_shards",  # lancer data passages | groups | inspect
     "lancer_dist.offline.cli",  # lancer data backbone | bible | collection
-    "lancer_dist.retrieval.mine",  # lancer data mine
+    "lancer_dist.retrieval.cli_mine",  # lancer data mine
 ]
 
 

@@ -14,10 +14,19 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["DataError", "LineFormatError", "SkipCounter", "decoded_lines", "iter_jsonl", "open_binary"]
+__all__ = [
+    "BadRecord",
+    "DataError",
+    "LineFormatError",
+    "SkipCounter",
+    "decoded_lines",
+    "iter_jsonl",
+    "open_binary",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +64,18 @@ class LineFormatError(DataError):
     def __init__(self, path: str | Path, line_no: int, field: str, problem: str, reason: str = "bad_line"):
         super().__init__(path, f"line {line_no}", field, problem, reason)
         self.path, self.line_no = str(path), line_no
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """A record that could not be decoded (not UTF-8, not JSON; a row with the wrong number of columns), kept in its
+    place - by :func:`~lancer_dist.data.shards.load_shard`, by :func:`iter_jsonl` when not ``strict`` - so that one
+    bad record costs one record, not its whole file or shard. The record checks raise its ``error``."""
+
+    error: DataError
+
+    def get(self, _name: str, default: Any = None) -> Any:  # reads like a record without fields
+        return default
 
 
 class SkipCounter:
@@ -124,8 +145,8 @@ def iter_jsonl(
 ) -> Iterator[tuple[str, Any]]:
     """``("line N", object)`` for each non-blank line of a JSONL file (``.gz`` too). Bytes that are not
     ``encoding`` raise a DataError naming file, line and byte offset. A line that is not JSON is a DataError
-    (``bad_json``): raised when ``strict``, else yielded in the record's place, for a caller that counts and skips it.
-    ``strict`` also requires every line to be a JSON object (``not_object``)."""
+    (``bad_json``): raised when ``strict``, else yielded in the record's place as a :class:`BadRecord`, for a caller
+    that counts and skips it. ``strict`` also requires every line to be a JSON object (``not_object``)."""
     with open_binary(path) as f:
         for n, line in decoded_lines(f, path, encoding):
             if not line.strip():
@@ -136,7 +157,7 @@ def iter_jsonl(
                 err = DataError(path, f"line {n}", "<json>", f"not valid JSON ({e})", "bad_json")
                 if strict:
                     raise err from e
-                yield f"line {n}", err
+                yield f"line {n}", BadRecord(err)
                 continue
             if strict and not isinstance(obj, dict):
                 raise DataError(

@@ -34,7 +34,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
-from lancer_dist.data.errors import DataError
+from lancer_dist.data.errors import BadRecord, DataError
+from lancer_dist.fileio import atomic_write_text
 
 __all__ = [
     "FORMAT_VERSION",
@@ -83,26 +84,20 @@ def _nonempty_str(where: str, key: str, rec: dict[str, Any], name: str, label: s
     return value
 
 
-@dataclass(frozen=True)
-class BadRecord:
-    """A shard member that could not be decoded (not UTF-8, not JSON), kept in its place by :func:`load_shard` so
-    that one bad record costs one record, not its whole shard. The record checks raise its ``error``."""
-
-    error: DataError
-
-    def get(self, _name: str, default: Any = None) -> Any:  # reads like a record without fields
-        return default
-
-
-def check_passage(where: str, key: str, rec: Any, languages: Collection[str] | None = None) -> None:
-    """Raise :class:`DataError` unless ``rec`` is a passage record (non-empty ``text``, a language code ``lang``
-    that is in ``languages`` when given)."""
+def _check_object(where: str, key: str, rec: Any) -> None:
+    """A record that could not be decoded raises its error; one that is not a JSON object is ``not_object``."""
     if isinstance(rec, BadRecord):
         raise rec.error
     if not isinstance(rec, dict):
         raise DataError(
             where, key, "<record>", f"expected a JSON object, got {type(rec).__name__}", "not_object"
         )
+
+
+def check_passage(where: str, key: str, rec: Any, languages: Collection[str] | None = None) -> None:
+    """Raise :class:`DataError` unless ``rec`` is a passage record (non-empty ``text``, a language code ``lang``
+    that is in ``languages`` when given)."""
+    _check_object(where, key, rec)
     _nonempty_str(where, key, rec, "text")
     lang = _nonempty_str(where, key, rec, "lang")
     if not _LANG.match(lang):
@@ -136,12 +131,7 @@ def _check_passage_list(where: str, key: str, rec: dict[str, Any], name: str, al
 
 def check_group(where: str, key: str, rec: Any) -> None:
     """Raise :class:`DataError` unless ``rec`` is a retrieval group (query, >= 1 positive, a negatives list)."""
-    if isinstance(rec, BadRecord):
-        raise rec.error
-    if not isinstance(rec, dict):
-        raise DataError(
-            where, key, "<record>", f"expected a JSON object, got {type(rec).__name__}", "not_object"
-        )
+    _check_object(where, key, rec)
     _nonempty_str(where, key, rec, "query")
     _check_passage_list(where, key, rec, "positives", allow_empty=False)
     _check_passage_list(where, key, rec, "negatives", allow_empty=True)
@@ -536,9 +526,7 @@ class ShardWriter:
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             root=self.out_dir,
         )
-        tmp = self.out_dir / (MANIFEST_NAME + ".tmp")
-        tmp.write_text(manifest.to_json(), encoding="utf-8")
-        os.replace(tmp, self.out_dir / MANIFEST_NAME)
+        atomic_write_text(self.out_dir / MANIFEST_NAME, manifest.to_json())
         self.manifest = manifest
         return manifest
 
@@ -734,8 +722,6 @@ def stream_shard(
     number of records against the manifest once the shard has been read to its end. Unlike :func:`load_shard`, a
     shard that fails a check at its end has already yielded its records (the same ones on every read, so a
     replay or resume sees the same sequence)."""
-    from webdataset.tariterators import tar_file_iterator
-
     url = manifest.shard_location(shard)
     where = f"{shard.name} (in {manifest.root})"
     try:
@@ -745,18 +731,7 @@ def stream_shard(
     reader = _HashingReader(f)
     count, last = 0, None
     try:
-        it = tar_file_iterator(reader)
-        while True:
-            try:
-                member = next(it)
-            except StopIteration:
-                break
-            except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-                after = f" after record {last!r}" if last else " at the start"
-                raise DataError(
-                    where, last, "tar", f"corrupt or truncated tar{after}: {e}", reason="corrupt_tar"
-                ) from e
-            key, rec = _decode_member(where, member["fname"], member["data"], keep_bad=True)
+        for key, rec in _iter_tar_bytes(reader, where, keep_bad=True):  # not a BytesIO: read as a stream
             count, last = count + 1, key
             yield key, rec
         reader.drain()  # the end-of-archive padding belongs to the checksum

@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lancer_dist.data.errors import DataError, decoded_lines, iter_jsonl
-from lancer_dist.data.shards import BadRecord, Manifest, ShardWriter, check_group
+from lancer_dist.data.errors import BadRecord, DataError, decoded_lines, iter_jsonl
+from lancer_dist.data.shards import Manifest, ShardWriter, check_group
 
 __all__ = [
     "GROUP_FORMATS",
@@ -63,12 +63,6 @@ def _split_input(spec: str) -> tuple[str, str]:
     return kind, loc
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    """JSONL rows; a line that is not JSON comes as a :class:`BadRecord` in its place."""
-    for key, obj in iter_jsonl(path, strict=False):
-        yield key, BadRecord(obj) if isinstance(obj, DataError) else obj
-
-
 def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
@@ -77,6 +71,15 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
         for rec in batch.to_pylist():
             row += 1
             yield f"row {row}", rec
+
+
+def _row(path: Path, lineno: int, cells: list[str], names: Sequence[str], expected: str) -> tuple[str, Any]:
+    """``("line N", {name: cell})``, or a :class:`BadRecord` (``bad_row``) when the number of cells is not that of
+    ``names``."""
+    if len(cells) != len(names):
+        err = DataError(path, f"line {lineno}", "<columns>", f"{len(cells)} columns, {expected}", "bad_row")
+        return f"line {lineno}", BadRecord(err)
+    return f"line {lineno}", dict(zip(names, cells))
 
 
 def _iter_tsv(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, Any]]:
@@ -88,17 +91,7 @@ def _iter_tsv(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, Any]]:
                 continue  # a header row naming the columns
             if not cells:
                 continue
-            if len(cells) != len(columns):
-                err = DataError(
-                    path,
-                    f"line {lineno}",
-                    "<columns>",
-                    f"{len(cells)} columns, expected {list(columns)}",
-                    "bad_row",
-                )
-                yield f"line {lineno}", BadRecord(err)
-                continue
-            yield f"line {lineno}", dict(zip(columns, cells))
+            yield _row(path, lineno, cells, columns, f"expected {list(columns)}")
 
 
 def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
@@ -115,17 +108,7 @@ def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
             lineno, start = start, reader.line_num + 1
             if not cells:
                 continue
-            if len(cells) != len(header):
-                err = DataError(
-                    path,
-                    f"line {lineno}",
-                    "<columns>",
-                    f"{len(cells)} columns, header has {header}",
-                    "bad_row",
-                )
-                yield f"line {lineno}", BadRecord(err)
-                continue
-            yield f"line {lineno}", dict(zip(header, cells))
+            yield _row(path, lineno, cells, header, f"header has {header}")
 
 
 def _load_hf(location: str, config: str | None, split: str) -> Iterable[Any]:
@@ -179,7 +162,7 @@ def _iter_c4(files: Sequence[Path]) -> Iterator[tuple[str, str, Any]]:
     for path in files:
         lineno = 0
         try:
-            for key, row in _iter_jsonl(path):
+            for key, row in iter_jsonl(path, strict=False):
                 lineno = int(key.removeprefix("line "))
                 yield str(path), key, row
         except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
@@ -211,8 +194,13 @@ def iter_rows(
     path = Path(loc)
     if not path.is_file():
         raise DataError(path, None, "file", "no such file", "missing_file")
-    rows = {"jsonl": _iter_jsonl, "parquet": _iter_parquet, "csv": _iter_csv}.get(kind)
-    it = rows(path) if rows else _iter_tsv(path, tsv_columns)
+    it: Iterator[tuple[str, Any]]
+    if kind == "jsonl":
+        it = iter_jsonl(path, strict=False)  # a line that is not JSON comes as a BadRecord in its place
+    elif kind in ("parquet", "csv"):
+        it = (_iter_parquet if kind == "parquet" else _iter_csv)(path)
+    else:
+        it = _iter_tsv(path, tsv_columns)
     for label, row in it:
         yield str(path), label, row
 

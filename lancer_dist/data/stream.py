@@ -60,7 +60,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lancer_dist.config import ConfigError, RunConfig
+from lancer_dist.config import ConfigError, DataConfig, RunConfig
 from lancer_dist.data.collate import Collator, passage_text
 from lancer_dist.data.errors import DataError, SkipCounter
 from lancer_dist.data.shards import (
@@ -634,12 +634,11 @@ def _load(path: str, kind: str, fld: str) -> Manifest:
     return m
 
 
-def check_world_size(cfg: RunConfig, world_size: int) -> None:
+def check_world_size(d: DataConfig, world_size: int) -> None:
     """The settings that must divide among ``world_size`` ranks for the global batch to be independent of it.
 
     Raises a :class:`ConfigError` naming the field; cheap (reads at most the erasure manifest), so cluster front-ends and
     ``lancer train`` call it before any process group starts."""
-    d = cfg.data
     if d.retrieval.path and d.retrieval.queries_per_step % world_size:
         raise ConfigError(
             "data.retrieval.queries_per_step",
@@ -652,8 +651,9 @@ def check_world_size(cfg: RunConfig, world_size: int) -> None:
 
 
 class TrainStream:
-    """Iterable over this rank's :class:`TrainBatch` for steps ``start_step .. num_steps - 1`` (default
-    ``cfg.train.steps``). Iterating again continues where the consumed batches ended.
+    """Iterable over this rank's :class:`TrainBatch` for steps ``start_step .. num_steps - 1``, read as ``data``
+    says and tokenised by ``collator`` (the trainer's one :class:`Collator`; :meth:`from_config` builds both from a
+    run config). Iterating again continues where the consumed batches ended.
 
     Global step ``t`` is a function of the data settings, the seed and ``t`` only; rank ``r`` of ``W`` takes a
     fixed slice of it, and ``data.num_workers`` only decides which process builds it. ``state_dict()`` is the
@@ -664,21 +664,20 @@ class TrainStream:
 
     def __init__(
         self,
-        cfg: RunConfig,
-        tokenizer: Any,
+        data: DataConfig,
+        collator: Collator,
         *,
         rank: int,
         world_size: int,
+        num_steps: int,
         start_step: int = 0,
-        num_steps: int | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
-        d = cfg.data
-        self.cfg = cfg
+        d = data
         self.rank, self.world_size = rank, world_size
         self.num_workers = d.num_workers
-        self.end = cfg.train.steps if num_steps is None else num_steps
+        self.end = num_steps
         if not 0 <= start_step <= self.end:
             raise ValueError(f"start_step {start_step} not in [0, {self.end}]")
         self._start_given = start_step
@@ -689,7 +688,7 @@ class TrainStream:
         retrieval = _load(d.retrieval.path, "groups", "data.retrieval.path") if d.retrieval.path else None
         if erasure is None and retrieval is None:
             raise ConfigError("data", "", "data.erasure.path and/or data.retrieval.path")
-        check_world_size(cfg, world_size)
+        check_world_size(d, world_size)
 
         languages: list[str] = []
         if erasure is not None:
@@ -731,7 +730,7 @@ class TrainStream:
             languages=languages,
             erasure=erasure,
             retrieval=retrieval,
-            collator=Collator.from_config(cfg.model, tokenizer),
+            collator=collator,
         )
         # Everything that defines the sequence of global batches: a state only resumes a stream that agrees.
         self._defines = {
@@ -743,6 +742,28 @@ class TrainStream:
             "data.retrieval.queries_per_step": self._plan.queries_per_step,
             "data.retrieval.group_size": G if retrieval is not None else 0,
         }
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: RunConfig,
+        tokenizer: Any,
+        *,
+        rank: int,
+        world_size: int,
+        start_step: int = 0,
+        num_steps: int | None = None,
+    ) -> TrainStream:
+        """The stream of run ``cfg`` (``num_steps`` default ``cfg.train.steps``), tokenised by the collator of
+        ``cfg.model`` over ``tokenizer``."""
+        return cls(
+            cfg.data,
+            Collator.from_config(cfg.model, tokenizer),
+            rank=rank,
+            world_size=world_size,
+            num_steps=cfg.train.steps if num_steps is None else num_steps,
+            start_step=start_step,
+        )
 
     @property
     def next_step(self) -> int:

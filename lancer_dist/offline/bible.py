@@ -46,12 +46,12 @@ import random
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lancer_dist.data.collections import write_beir
+from lancer_dist.retrieval.collections import write_beir
 
 __all__ = [
     "ALL_LANGUAGES",
@@ -333,36 +333,35 @@ def build_bible_data(out: str | Path, options: BibleOptions | None = None, db: B
     probe = sorted(_sample(probe_pool, opts.probe_per_language, _rng(opts.seed, "probe")))
     probe_set = set(probe)
     counts: dict[str, dict[str, int]] = {"erasure": {}, "probe": {}}
-    with ShardWriter(
-        out / "erasure",
-        "passages",
-        max_records_per_shard=opts.max_records_per_shard,
-        source={**src, "part": "erasure"},
-        overwrite=True,
-    ) as w:
-        for lang in opts.languages:
-            pool = [v for v in train_verses if v not in probe_set and v not in empty[lang]]
-            chosen = _sample(pool, opts.passages_per_language, _rng(opts.seed, "erasure", lang))
-            for v in chosen:
-                vid = verse_id(v)
-                w.write(
-                    f"{lang}-{vid}", {"text": texts[lang][v], "lang": lang, "id": f"{lang}-{vid}", "doc": vid}
-                )
-            counts["erasure"][lang] = len(chosen)
-    with ShardWriter(
-        out / "probe",
-        "passages",
-        max_records_per_shard=opts.max_records_per_shard,
-        source={**src, "part": "probe"},
-        overwrite=True,
-    ) as w:
-        for lang in opts.languages:
-            for v in probe:
-                vid = verse_id(v)
-                w.write(
-                    f"{lang}-{vid}", {"text": texts[lang][v], "lang": lang, "id": f"{lang}-{vid}", "doc": vid}
-                )
-            counts["probe"][lang] = len(probe)
+
+    def write_verses(part: str, verses_of: Callable[[str], list[Any]]) -> None:
+        """Passage shards ``out/<part>``: for each language, the verses ``verses_of(lang)`` in that language."""
+        with ShardWriter(
+            out / part,
+            "passages",
+            max_records_per_shard=opts.max_records_per_shard,
+            source={**src, "part": part},
+            overwrite=True,
+        ) as w:
+            for lang in opts.languages:
+                chosen = verses_of(lang)
+                for v in chosen:
+                    vid = verse_id(v)
+                    w.write(
+                        f"{lang}-{vid}",
+                        {"text": texts[lang][v], "lang": lang, "id": f"{lang}-{vid}", "doc": vid},
+                    )
+                counts[part][lang] = len(chosen)
+
+    write_verses(
+        "erasure",
+        lambda lang: _sample(
+            [v for v in train_verses if v not in probe_set and v not in empty[lang]],
+            opts.passages_per_language,
+            _rng(opts.seed, "erasure", lang),
+        ),
+    )
+    write_verses("probe", lambda _lang: probe)
     summary["passages"] = counts
 
     # ---- English retrieval groups from the cross references, training books only -----------------------------

@@ -158,8 +158,8 @@ def _bible(args: argparse.Namespace) -> int:
 
 
 def _collection(args: argparse.Namespace) -> int:
-    from lancer_dist.data.collections import read_collection
     from lancer_dist.data.errors import DataError
+    from lancer_dist.retrieval.collections import read_collection
 
     inputs = []
     for item in args.inputs:

@@ -93,11 +93,7 @@ def _search(args: argparse.Namespace) -> int:
             q,
             ev.top_k,
             ev.index_spec(),
-            parallel=ev.search_parallel,
-            threads=ev.search_threads,
-            cpus_per_task=max(1, ev.cpus_per_worker),
-            block=ev.search_block,
-            kernel=ev.search_kernel,
+            **ev.search_options(),
             seed=ev.seed,
         )
     finally:

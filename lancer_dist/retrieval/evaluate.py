@@ -86,12 +86,12 @@ class EvalCollection:
 
 
 def load_eval_collection(path: str | Path, name: str | None = None, split: str = "test") -> EvalCollection:
-    """Queries, judgments and answers of a BEIR directory, read with :func:`lancer_dist.data.collections.read_beir`
+    """Queries, judgments and answers of a BEIR directory, read with :func:`lancer_dist.retrieval.collections.read_beir`
     (bad records raise a ``DataError`` naming file, line and field; dangling judgments are counted and dropped).
 
     Queries without any judgment are dropped (they cannot be scored); the corpus is not kept (the encoder streams it).
     """
-    from lancer_dist.data.collections import read_beir
+    from lancer_dist.retrieval.collections import read_beir
 
     d = Path(path)
     coll = read_beir(d, split=split)
@@ -229,11 +229,7 @@ def index_recall(
         ev.top_k,
         "Flat",
         transform=transform,
-        parallel=ev.search_parallel,
-        threads=ev.search_threads,
-        cpus_per_task=max(1, ev.cpus_per_worker),
-        block=ev.search_block,
-        kernel=ev.search_kernel,
+        **ev.search_options(),
     )
     return topk_recall(sr.positions[rows], exact.positions)
 
@@ -449,11 +445,7 @@ def search_stage(
                 ev.top_k,
                 ev.index_spec(),
                 transform=tf,
-                parallel=ev.search_parallel,
-                threads=ev.search_threads,
-                cpus_per_task=max(1, ev.cpus_per_worker),
-                block=ev.search_block,
-                kernel=ev.search_kernel,
+                **ev.search_options(),
                 seed=ev.seed,
             )
             recall = index_recall(store.path, q, sr, ev, tf)

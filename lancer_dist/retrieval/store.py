@@ -17,7 +17,6 @@ The corpus is read in shards by byte range (``plan_shards``), so no process ever
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 
 from lancer_dist.data.errors import LineFormatError
 from lancer_dist.data.text import passage_text
-from lancer_dist.fileio import atomic_write_json
+from lancer_dist.fileio import atomic_open, atomic_write_json
 
 __all__ = [
     "CorpusFormatError",
@@ -131,10 +130,6 @@ def read_corpus_range(
     return ids, texts, langs
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def emb_path(out_dir: Path, index: int) -> Path:
     return out_dir / f"emb-{index:05d}.npy"
 
@@ -154,11 +149,8 @@ def write_shard(
     """Embeddings first, ids last: the ids file marks the shard as done. ``skipped``: ids left out (no text)."""
     if emb_ND.shape[0] != len(ids):
         raise ValueError(f"shard {index}: {emb_ND.shape[0]} embeddings for {len(ids)} ids")
-    e = emb_path(out_dir, index)
-    tmp = _tmp(e)
-    with open(tmp, "wb") as f:
+    with atomic_open(emb_path(out_dir, index), "wb") as f:
         np.save(f, emb_ND, allow_pickle=False)
-    os.replace(tmp, e)
     atomic_write_json(ids_path(out_dir, index), {"ids": ids, "langs": langs, "skipped": skipped or []})
 
 

@@ -1,13 +1,14 @@
 """Tiny real components for tests, smoke runs and benchmarks: a word-level tokenizer fitted on given texts, a
-randomly initialised small BERT bi-encoder saved like any trained one, and a BEIR-layout collection writer."""
+randomly initialised small BERT bi-encoder saved like any trained one. (A BEIR collection from dicts:
+``lancer_dist.retrieval.collections.Collection(corpus, queries, qrels).write_beir(dir)``.)"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["word_tokenizer", "write_beir", "write_tiny_encoder"]
+__all__ = ["word_tokenizer", "write_tiny_encoder"]
 
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -78,25 +79,3 @@ def write_tiny_encoder(
     torch.manual_seed(seed)
     model = BiEncoder.from_config(cfg)
     return model.save_pretrained(out_dir, tokenizer)
-
-
-def write_beir(
-    out_dir: str | Path,
-    corpus: Mapping[str, Mapping[str, Any]],
-    queries: Mapping[str, Mapping[str, Any]],
-    qrels: Mapping[str, Mapping[str, int]],
-    split: str = "test",
-) -> Path:
-    """A BEIR collection from dicts keyed by id (``corpus.jsonl`` rows {_id, title, text, lang},
-    ``queries.jsonl`` rows {_id, text, lang[, answers]}), written by
-    :func:`lancer_dist.data.collections.write_beir`."""
-    from lancer_dist.data.collections import write_beir as write_rows
-
-    write_rows(
-        out_dir,
-        ({"_id": docid, "title": doc.get("title", ""), **dict(doc)} for docid, doc in corpus.items()),
-        ({"_id": qid, **dict(q)} for qid, q in queries.items()),
-        ((qid, docid, rel) for qid, docs in qrels.items() for docid, rel in docs.items()),
-        split,
-    )
-    return Path(out_dir)

@@ -8,11 +8,11 @@ Bad lines raise :class:`TrecFormatError` naming the file, the line number and th
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from lancer_dist.data.errors import LineFormatError
+from lancer_dist.fileio import atomic_open
 
 Run = dict[str, dict[str, float]]  # qid -> docid -> score
 Qrels = dict[str, dict[str, int]]  # qid -> docid -> relevance
@@ -28,13 +28,11 @@ def write_run(path: str | Path, run: Mapping[str, Mapping[str, float]], tag: str
     """Write a run atomically, each query's documents ranked by score (ties: docid ascending)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         for qid in run:
             ranked = sorted(run[qid].items(), key=lambda kv: (-kv[1], kv[0]))
             for rank, (docid, score) in enumerate(ranked, start=1):
                 f.write(f"{qid} Q0 {docid} {rank} {score:.6f} {tag}\n")
-    os.replace(tmp, path)
     return path
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from lancer_dist import dist
+from lancer_dist.config import ConfigError, RunConfig
 from lancer_dist.fileio import atomic_write_json
 
 log = logging.getLogger("lancer.train")
@@ -55,6 +56,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "check_pickles",
     "file_digest",
+    "load_zero_resharded",
     "verify_files",
 ]
 
@@ -332,8 +334,6 @@ class CheckpointManager:
     def find(self, resume: str) -> Path | None:
         """The checkpoint to resume from: ``"never"`` -> None; a path -> it, verified (else an error); ``"auto"`` ->
         the newest that verifies, warning about each newer one skipped (None when there is none)."""
-        from lancer_dist.config import ConfigError
-
         if resume == "never":
             return None
         if resume != "auto":
@@ -407,3 +407,66 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-1/2 on another world size
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_zero_resharded(
+    engine: Any, cfg: RunConfig, path: Path, saved_world: int, *, rank: int, world: int
+) -> None:
+    """A ZeRO-1/2 checkpoint of another world size: DeepSpeed refuses to re-partition its optimizer state
+    directly, so rank 0 converts it to DeepSpeed's universal checkpoint (``ds_to_universal``: one file per
+    parameter for the fp32 weights and each Adam moment, cached next to the checkpoint) and every rank loads
+    its new partition from that (``load_universal``) into ``engine`` (the run's DeepSpeed engine). RNG states are not
+    restored (one per old rank)."""
+    from lancer_dist.train.parallel import deepspeed_config
+
+    zero = deepspeed_config(cfg, world)["zero_optimization"]
+    stage = int(zero.get("stage", 0))
+    if stage not in (1, 2) or zero.get("elastic_checkpoint"):
+        raise ConfigError(
+            "train.checkpoint.resume",
+            str(path),
+            f"a checkpoint written with the same world size ({saved_world}, now {world}): "
+            + (
+                f"ZeRO-{stage} parameter shards are not re-partitioned by this trainer"
+                if stage not in (1, 2)
+                else "an elastic_checkpoint cannot be converted to a universal checkpoint"
+            ),
+        )
+    universal = path / "universal"
+    if rank == 0 and not (universal / "pytorch_model" / "zero").is_dir():
+        from argparse import Namespace
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = path / "universal.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        ds_to_universal(
+            Namespace(
+                input_folder=str(path / "pytorch_model"),
+                output_folder=str(tmp / "pytorch_model"),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                # Accelerate does not store Megatron's universal_checkpoint_info; DeepSpeed fills the default
+                inject_missing_state=True,
+            )
+        )
+        shutil.rmtree(universal, ignore_errors=True)
+        tmp.rename(universal)
+    dist.barrier()
+    engine_cfg = engine._config
+    engine_cfg.load_universal_checkpoint = True
+    try:
+        load_path, _ = engine.load_checkpoint(
+            str(universal), tag="pytorch_model", load_lr_scheduler_states=False
+        )
+    finally:
+        engine_cfg.load_universal_checkpoint = False
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal}")

@@ -76,7 +76,7 @@ def check_launch_config(cfg: RunConfig) -> None:
     # the global batch must divide into equal rank slices (data.retrieval.queries_per_step, erasure m x n)
     from lancer_dist.data.stream import check_world_size
 
-    check_world_size(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    check_world_size(cfg.data, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import resource
-import shutil
 import signal
 import threading
 import time
@@ -36,7 +35,7 @@ from lancer_dist.config import ConfigError, RunConfig, config_to_dict
 from lancer_dist.fileio import progress
 from lancer_dist.logs import setup_logging
 from lancer_dist.losses import LossOutput, lancer_loss
-from lancer_dist.train.checkpoint import CheckpointManager, Part
+from lancer_dist.train.checkpoint import CheckpointManager, Part, load_zero_resharded
 from lancer_dist.train.lock import acquire_for_job
 from lancer_dist.train.parallel import (
     RngState,
@@ -49,6 +48,7 @@ from lancer_dist.train.parallel import (
 from lancer_dist.train.run_identity import resume_run_id, run_fingerprint
 
 if TYPE_CHECKING:
+    from lancer_dist.data.stream import TrainBatch
     from lancer_dist.model import BiEncoder
 
 log = logging.getLogger("lancer.train")
@@ -277,10 +277,13 @@ class Trainer:
         self.fingerprint = run_fingerprint(self.out_dir) if self.rank == 0 else None
         seed_everything(cfg.train.seed)
 
+        from lancer_dist.data.collate import Collator
         from lancer_dist.data.stream import TrainStream
         from lancer_dist.model import BiEncoder, load_tokenizer
 
         self.tokenizer = load_tokenizer(cfg.model)
+        # The one collator: training batches and the probe's passages are tokenised by it.
+        self.collator = Collator.from_config(cfg.model, self.tokenizer)
         model = BiEncoder.from_config(cfg.model)
         # the losses run in float32 (float64 for verification runs) whatever the autocast precision
         self.loss_dtype = torch.float64 if cfg.train.precision == "fp64" else torch.float32
@@ -306,7 +309,9 @@ class Trainer:
         # Built on the prepared optimizer (ZeRO-3 regroups parameters), stepped by us, and checkpointed in
         # trainer_state.json (plain JSON: nothing is unpickled on resume).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.stream = TrainStream(cfg, self.tokenizer, rank=self.rank, world_size=self.world)
+        self.stream = TrainStream(
+            cfg.data, self.collator, rank=self.rank, world_size=self.world, num_steps=cfg.train.steps
+        )
         self.num_languages = len(self.stream.languages)
         self.collectives = dist.ProcessGroupCollectives()
         self.step = 0
@@ -322,7 +327,7 @@ class Trainer:
 
     # ---- the step ------------------------------------------------------------------------------------------
 
-    def _loss(self, q: Tensor, p: Tensor, x: Tensor, b: Any) -> LossOutput:
+    def _loss(self, q: Tensor, p: Tensor, x: Tensor, b: TrainBatch) -> LossOutput:
         c = self.cfg
         dt = self.loss_dtype
         langs = b.erasure_languages
@@ -344,7 +349,7 @@ class Trainer:
             query_positive_ids=b.query_positive_docids if mask else None,
         )
 
-    def _forward_backward(self, b: Any) -> LossOutput:
+    def _forward_backward(self, b: TrainBatch) -> LossOutput:
         qe, pe, xe = self.model(
             b.query_input_ids,
             b.query_attention_mask,
@@ -357,7 +362,7 @@ class Trainer:
         self.accelerator.backward(out.loss)
         return out
 
-    def _forward_backward_cached(self, b: Any) -> LossOutput:
+    def _forward_backward_cached(self, b: TrainBatch) -> LossOutput:
         """Gradient caching (Gao et al. 2021): embeddings of every chunk without a graph, the loss and its gradient
         w.r.t. the embeddings, then each chunk re-encoded with a graph and back-propagated with the cached
         gradient. Exact: each chunk's CPU and accelerator RNG state is replayed, so its dropout masks match, and
@@ -416,7 +421,7 @@ class Trainer:
         after.restore()
         return out
 
-    def _forward_backward_erasure_chunks(self, b: Any) -> LossOutput:
+    def _forward_backward_erasure_chunks(self, b: TrainBatch) -> LossOutput:
         """``loss.erasure_chunk``: L_C's statistics accumulated over micro-batches of erasure passages (two passes,
         RNG replayed; :mod:`lancer_dist.train.erasure_chunks`), every backward under ``no_sync``; then the retrieval
         forward and backward, the last one, which reduces the accumulated gradients (and touches both towers)."""
@@ -461,7 +466,7 @@ class Trainer:
             passages_without_docid=out.passages_without_docid,
         )
 
-    def train_step(self, b: Any) -> dict[str, float]:
+    def train_step(self, b: TrainBatch) -> dict[str, float]:
         """One optimizer step on one multi-task batch; returns the globally reduced metrics."""
         t0 = time.perf_counter()
         b = b.to(self.device, non_blocking=b.query_input_ids.is_pinned())
@@ -528,14 +533,11 @@ class Trainer:
 
     @torch.no_grad()
     def _encode_texts(self, texts: list[str]) -> Any:
-        from lancer_dist.data.collate import Collator
-
-        collator = Collator.from_config(self.cfg.model, self.tokenizer)
         was_training = self.model.training
         self.model.eval()
         out = []
         for i in range(0, len(texts), 64):
-            ids, mask = collator.passages(texts[i : i + 64])
+            ids, mask = self.collator.passages(texts[i : i + 64])
             _, p, _ = self.model(
                 passage_input_ids=ids.to(self.device), passage_attention_mask=mask.to(self.device)
             )
@@ -591,7 +593,7 @@ class Trainer:
             self.accelerator.load_state(str(d))  # RNG states
             load_fsdp_state(d, self.model, self.optimizer)
         elif saved_world != self.world and self.cfg.train.strategy == "deepspeed":
-            self._load_zero_resharded(d, saved_world)
+            load_zero_resharded(self.model, self.cfg, d, saved_world, rank=self.rank, world=self.world)
         else:
             # DDP / one process: Accelerate saved the full model and optimizer state; any world size loads it
             self.accelerator.load_state(str(d))
@@ -649,58 +651,6 @@ class Trainer:
         self.checkpoints.load(path, verified=True)
         log.info("resumed from %s at step %d", path, self.step)
         return state
-
-    def _load_zero_resharded(self, path: Path, saved_world: int) -> None:
-        """A ZeRO-1/2 checkpoint of another world size: DeepSpeed refuses to re-partition its optimizer state
-        directly, so rank 0 converts it to DeepSpeed's universal checkpoint (``ds_to_universal``: one file per
-        parameter for the fp32 weights and each Adam moment, cached next to the checkpoint) and every rank loads
-        its new partition from that (``load_universal``). RNG states are not restored (one per old rank)."""
-        zero = deepspeed_config(self.cfg, self.world)["zero_optimization"]
-        stage = int(zero.get("stage", 0))
-        if stage not in (1, 2) or zero.get("elastic_checkpoint"):
-            raise ConfigError(
-                "train.checkpoint.resume",
-                str(path),
-                f"a checkpoint written with the same world size ({saved_world}, now {self.world}): "
-                + (
-                    f"ZeRO-{stage} parameter shards are not re-partitioned by this trainer"
-                    if stage not in (1, 2)
-                    else "an elastic_checkpoint cannot be converted to a universal checkpoint"
-                ),
-            )
-        universal = path / "universal"
-        if self.rank == 0 and not (universal / "pytorch_model" / "zero").is_dir():
-            from argparse import Namespace
-
-            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-            tmp = path / "universal.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            ds_to_universal(
-                Namespace(
-                    input_folder=str(path / "pytorch_model"),
-                    output_folder=str(tmp / "pytorch_model"),
-                    num_extract_workers=1,
-                    num_merge_workers=1,
-                    keep_temp_folder=False,
-                    strict=True,
-                    # Accelerate does not store Megatron's universal_checkpoint_info; DeepSpeed fills the default
-                    inject_missing_state=True,
-                )
-            )
-            shutil.rmtree(universal, ignore_errors=True)
-            tmp.rename(universal)
-        dist.barrier()
-        engine_cfg = self.model._config
-        engine_cfg.load_universal_checkpoint = True
-        try:
-            load_path, _ = self.model.load_checkpoint(
-                str(universal), tag="pytorch_model", load_lr_scheduler_states=False
-            )
-        finally:
-            engine_cfg.load_universal_checkpoint = False
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal}")
 
     # ---- final model ---------------------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ def run_family(config: str, out: Path, steps: int) -> None:
         r, w = tr.rank, tr.world
         history = [
             tr.train_step(full.shard(r, w))
-            for full in islice(TrainStream(cfg, tr.tokenizer, rank=0, world_size=1), steps)
+            for full in islice(TrainStream.from_config(cfg, tr.tokenizer, rank=0, world_size=1), steps)
         ]
         # how many parameters this rank holds as FSDP2 DTensor shards: 0 unless the model was really sharded
         sharded = sum(type(p).__name__ == "DTensor" for p in tr.model.parameters())

@@ -33,7 +33,7 @@ from lancer_dist.train.trainer import Trainer, _chunks, _encode_chunk, build_opt
 def main(config: str, out: str, sabotage: str = "") -> None:
     cfg = load_config(config)
     tr = Trainer(cfg)
-    full = next(iter(TrainStream(cfg, tr.tokenizer, rank=0, world_size=1)))
+    full = next(iter(TrainStream.from_config(cfg, tr.tokenizer, rank=0, world_size=1)))
     r, w = tr.rank, tr.world
     b = full.shard(r, w).to(tr.device)
     model = tr.accelerator.unwrap_model(tr.model)

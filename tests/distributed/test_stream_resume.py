@@ -24,13 +24,13 @@ def _rank_fn(rank: int, world_size: int, root: str) -> dict[str, Any]:
     assert dist.get_rank() == rank and dist.get_world_size() == world_size == 2
     tok = make_tokenizer()
     cfg = make_cfg(Path(root), **{"data.num_workers": 2, "train.steps": STEPS})
-    full = list(TrainStream(cfg, tok, rank=dist.get_rank(), world_size=dist.get_world_size()))
+    full = list(TrainStream.from_config(cfg, tok, rank=dist.get_rank(), world_size=dist.get_world_size()))
 
     # global view of every step, gathered over the process group
     gathered = dist.all_gather_object([(b.step, b.erasure_keys, b.query_keys) for b in full])
 
     # interrupted run: consume steps 0..CUT, save the state (as a checkpoint would), resume in a new stream
-    first = TrainStream(cfg, tok, rank=rank, world_size=world_size)
+    first = TrainStream.from_config(cfg, tok, rank=rank, world_size=world_size)
     it = iter(first)
     for _ in range(CUT + 1):
         next(it)
@@ -40,7 +40,7 @@ def _rank_fn(rank: int, world_size: int, root: str) -> dict[str, Any]:
     if rank == 0:
         ckpt.write_text(json.dumps(first.state_dict()))  # one global file, as the trainer writes it
     dist.barrier()
-    resumed = TrainStream(cfg, tok, rank=rank, world_size=world_size, start_step=CUT + 1)
+    resumed = TrainStream.from_config(cfg, tok, rank=rank, world_size=world_size, start_step=CUT + 1)
     resumed.load_state_dict(json.loads(ckpt.read_text()))
     rest = list(resumed)
     same = [same_batch(a, b) for a, b in zip(rest, full[CUT + 1 :], strict=True)]
@@ -62,7 +62,9 @@ def test_two_ranks_two_workers_exact_balance_and_resume(tmp_path: Path) -> None:
     from tests.unit.test_stream import make_tokenizer
 
     one = list(
-        TrainStream(make_cfg(tmp_path, **{"train.steps": STEPS}), make_tokenizer(), rank=0, world_size=1)
+        TrainStream.from_config(
+            make_cfg(tmp_path, **{"train.steps": STEPS}), make_tokenizer(), rank=0, world_size=1
+        )
     )
     for res in results:
         assert res["states_equal"]

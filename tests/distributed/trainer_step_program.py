@@ -27,7 +27,7 @@ def main(config: str, out: str, steps: int = 1, save_final: bool = False) -> Non
     tr = Trainer(cfg)
     r, w = tr.rank, tr.world
     metrics: dict[str, float] = {}
-    for full in islice(TrainStream(cfg, tr.tokenizer, rank=0, world_size=1), steps):
+    for full in islice(TrainStream.from_config(cfg, tr.tokenizer, rank=0, world_size=1), steps):
         metrics = tr.train_step(full.shard(r, w))
     # how many parameters this rank holds as shards (FSDP2 DTensors): 0 unless the model was really sharded
     metrics["sharded_parameters"] = sum(type(p).__name__ == "DTensor" for p in tr.model.parameters())

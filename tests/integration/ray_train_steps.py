@@ -30,7 +30,7 @@ def _run_steps(cfg: RunConfig, out: Path, steps: int, where: dict[str, Any]) -> 
     tr = Trainer(cfg)
     r, w = tr.rank, tr.world
     metrics = []
-    stream = iter(TrainStream(cfg, tr.tokenizer, rank=0, world_size=1))
+    stream = iter(TrainStream.from_config(cfg, tr.tokenizer, rank=0, world_size=1))
     for _ in range(steps):
         full = next(stream)
         local = full.shard(r, w)

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from lancer_dist.cli import main
-from lancer_dist.retrieval.tiny import write_beir, write_tiny_encoder
+from lancer_dist.retrieval.collections import Collection
+from lancer_dist.retrieval.tiny import write_tiny_encoder
 
 TOPICS = ["sun", "moon", "river", "stone", "bread", "wind", "fire", "tree", "star", "sea", "road", "king"]
 LANG_WORDS = {"en": ["the", "and", "of"], "fr": ["le", "et", "de"], "de": ["der", "und", "von"]}
@@ -37,7 +38,7 @@ def _collections(root):
         f"q{t}-{lang}": {"text": _text(rng, t, lang), "lang": lang} for t in range(6) for lang in langs
     }
     qrels = {q: {d: 1 for d in corpus if d.startswith(f"p{q[1:].split('-')[0]}-")} for q in queries}
-    write_beir(root / "coll" / "multilingual", corpus, queries, qrels)
+    Collection(corpus, queries, qrels).write_beir(root / "coll" / "multilingual")
     en = {d: v for d, v in corpus.items() if v["lang"] == "en"}
     xq = {
         f"x{t}-{lang}": {"text": _text(rng, t, lang), "lang": lang, "answers": [f"{TOPICS[t]}_en"]}
@@ -45,7 +46,7 @@ def _collections(root):
         for lang in ("fr", "de")
     }
     xqrels = {q: {d: 1 for d in en if d.startswith(f"p{q[1:].split('-')[0]}-")} for q in xq}
-    write_beir(root / "coll" / "crosslingual", en, xq, xqrels)
+    Collection(en, xq, xqrels).write_beir(root / "coll" / "crosslingual")
     return [d["text"] for d in list(corpus.values()) + list(queries.values()) + list(xq.values())]
 
 

@@ -10,9 +10,10 @@ import numpy as np
 
 from lancer_dist.cli import main
 from lancer_dist.data.shards import load_shard, read_manifest
+from lancer_dist.retrieval.collections import Collection
 from lancer_dist.retrieval.encoder_io import EncoderSpec
 from lancer_dist.retrieval.mine import MineOptions, mine_hard_negatives
-from lancer_dist.retrieval.tiny import write_beir, write_tiny_encoder
+from lancer_dist.retrieval.tiny import write_tiny_encoder
 from tests.tiny_models import GREEK
 
 WORDS = GREEK
@@ -29,8 +30,8 @@ def test_cli_mines_with_ray_actors_like_the_in_process_reference(tmp_path, ray_e
     queries = [" ".join(rng.choice(WORDS, size=3)) for _ in range(6)]
     corpus = {f"d{i:02d}": {"text": t, "lang": "en"} for i, t in enumerate(docs)}
     qrels = {f"q{i}": {f"d{(7 * i) % 90:02d}": 1, f"d{(7 * i + 1) % 90:02d}": 1} for i in range(6)}
-    write_beir(
-        tmp_path / "coll", corpus, {f"q{i}": {"text": q} for i, q in enumerate(queries)}, qrels, "train"
+    Collection(corpus, {f"q{i}": {"text": q} for i, q in enumerate(queries)}, qrels).write_beir(
+        tmp_path / "coll", "train"
     )
     model = write_tiny_encoder(tmp_path / "model", docs + queries)
 

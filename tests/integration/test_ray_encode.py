@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from lancer_dist.config import ModelConfig
+from lancer_dist.retrieval.collections import Collection
 from lancer_dist.retrieval.encode import EncoderPool, encode_corpus_local
 from lancer_dist.retrieval.encoder_io import EncoderSpec, load_encoder
 from lancer_dist.retrieval.search import search_store
 from lancer_dist.retrieval.store import CorpusFormatError, EmbeddingStore
-from lancer_dist.retrieval.tiny import write_beir, write_tiny_encoder
+from lancer_dist.retrieval.tiny import write_tiny_encoder
 from tests.tiny_models import GREEK
 
 WORDS = GREEK
@@ -36,7 +37,9 @@ def _corpus(n: int) -> dict[str, dict[str, str]]:
 def setup(tmp_path_factory, ray_env):
     root = tmp_path_factory.mktemp("enc")
     corpus = _corpus(120)
-    write_beir(root / "coll", corpus, {"q1": {"text": "alpha beta", "lang": "en"}}, {"q1": {"d000": 1}})
+    Collection(corpus, {"q1": {"text": "alpha beta", "lang": "en"}}, {"q1": {"d000": 1}}).write_beir(
+        root / "coll"
+    )
     model = write_tiny_encoder(root / "model", [d["text"] for d in corpus.values()] + ["alpha beta"])
     spec = EncoderSpec(
         str(model), ModelConfig(query_prefix="query: ", passage_prefix="passage: ", max_passage_length=32)

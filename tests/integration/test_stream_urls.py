@@ -63,24 +63,24 @@ def test_resume_from_http_is_exact(tmp_path: Path, tok: Any, workers: int) -> No
             tmp_path, f"{srv.url}/erasure", f"{srv.url}/retrieval", **{"data.num_workers": workers}
         )
         for r in range(2):
-            st = TrainStream(cfg, tok, rank=r, world_size=2)
+            st = TrainStream.from_config(cfg, tok, rank=r, world_size=2)
             it = iter(st)
             for _ in range(5):  # steps 0..4 consumed (workers prefetched further), then the process "dies"
                 next(it)
             del it
             sd = json.loads(json.dumps(st.state_dict()))
-            resumed = TrainStream(cfg, tok, rank=r, world_size=2, start_step=5)
+            resumed = TrainStream.from_config(cfg, tok, rank=r, world_size=2, start_step=5)
             resumed.load_state_dict(sd)
             got = list(resumed)
             assert [b.step for b in got] == list(range(5, 12))
             assert all(_same(a, b) for a, b in zip(got, full[r][5:], strict=True))
         # a state saved while training on the local files resumes on the http source (same shards, same fingerprint)
-        st = TrainStream(local_cfg, tok, rank=1, world_size=2)
+        st = TrainStream.from_config(local_cfg, tok, rank=1, world_size=2)
         it = iter(st)
         for _ in range(8):
             next(it)
         del it
-        resumed = TrainStream(cfg, tok, rank=1, world_size=2, start_step=8)
+        resumed = TrainStream.from_config(cfg, tok, rank=1, world_size=2, start_step=8)
         resumed.load_state_dict(json.loads(json.dumps(st.state_dict())))
         assert all(_same(a, b) for a, b in zip(list(resumed), full[1][8:], strict=True))
 
@@ -101,14 +101,14 @@ def test_missing_or_truncated_remote_shard(tmp_path: Path, tok: Any) -> None:
         with pytest.raises(
             DataError, match=rf"{gone} \(in http://127\.0\.0\.1:\d+/retrieval\): .*field 'file'"
         ):
-            list(TrainStream(cfg, tok, rank=0, world_size=1))
+            list(TrainStream.from_config(cfg, tok, rank=0, world_size=1))
         cfg = _url_cfg(
             tmp_path,
             str(tmp_path / "erasure"),
             f"{srv.url}/retrieval",
             **{"data.shuffle_buffer": 0, "data.skip_bad_records": True},
         )
-        st = TrainStream(cfg, tok, rank=0, world_size=1)
+        st = TrainStream.from_config(cfg, tok, rank=0, world_size=1)
         batches = list(st)
     assert len(batches) == 12
     stats = st.stats

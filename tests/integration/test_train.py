@@ -264,7 +264,7 @@ def test_gradient_caching_gives_the_plain_gradients(tmp_path, bible_data, e5_sma
     # without dropout. Gradient caching with dropout ON (RNG replay, DDP, ZeRO-2) is tests/integration/test_grad_cache.py.
     cfg.model.dropout = 0.0
     tr = Trainer(cfg)
-    batch = next(iter(TrainStream(cfg, tr.tokenizer, rank=0, world_size=1)))
+    batch = next(iter(TrainStream.from_config(cfg, tr.tokenizer, rank=0, world_size=1)))
     model = tr.accelerator.unwrap_model(tr.model)
     model.train()  # the training-mode path (from_pretrained returns eval mode)
 

@@ -101,7 +101,7 @@ def test_config_show_and_errors_redact_the_tracking_password(tmp_path: Path, cap
 def test_missing_model_directory_names_the_field(tmp_path: Path, capsys: Any) -> None:
     from lancer_dist.config import ModelConfig
     from lancer_dist.model.encoder import build_backbone, load_tokenizer
-    from lancer_dist.retrieval.tiny import write_beir
+    from lancer_dist.retrieval.collections import Collection
 
     missing = str(tmp_path / "no-such-model")
     with pytest.raises(ConfigError, match=r"'model\.name_or_path'.*no-such-model"):
@@ -109,12 +109,9 @@ def test_missing_model_directory_names_the_field(tmp_path: Path, capsys: Any) ->
     with pytest.raises(ConfigError, match=r"'model\.tokenizer'.*no-such-tok"):
         load_tokenizer(ModelConfig(name_or_path=missing, tokenizer=str(tmp_path / "no-such-tok")))
     # `lancer eval`: the field that named the model (model.name_or_path, eval.model or eval.lancer_model)
-    coll = write_beir(
-        tmp_path / "c",
-        {"d1": {"text": "a b", "lang": "en"}},
-        {"q1": {"text": "a", "lang": "en"}},
-        {"q1": {"d1": 1}},
-    )
+    coll = Collection(
+        {"d1": {"text": "a b", "lang": "en"}}, {"q1": {"text": "a", "lang": "en"}}, {"q1": {"d1": 1}}
+    ).write_beir(tmp_path / "c")
     cfg = tmp_path / "eval.yaml"
     cfg.write_text(
         f"model: {{name_or_path: {missing}}}\neval: {{collections: [{coll}]}}\ntracking: {{enabled: false}}\n"
@@ -142,7 +139,7 @@ def test_non_utf8_jsonl_source_names_file_line_and_byte_offset(tmp_path: Path) -
     msg = str(err.value)
     assert str(src) in msg and "line 4" in msg and f"byte offset {offset}" in msg, msg
     # the same file as a BEIR corpus (evaluation collections)
-    from lancer_dist.data.collections import read_beir
+    from lancer_dist.retrieval.collections import read_beir
 
     (tmp_path / "beir" / "qrels").mkdir(parents=True)
     corpus = b'{"_id": "d1", "text": "ok"}\n{"_id": "d2", "text": "\xff"}\n'
@@ -196,7 +193,7 @@ def test_one_non_utf8_record_is_skipped_alone_and_counted(tmp_path: Path) -> Non
         DataError, match=rf"{re.escape(name)}.*record 'en-005' field '<json>': not valid UTF-8"
     ):
         check_passage(name, "en-005", recs["en-005"])
-    st = TrainStream(cfg, make_tokenizer(), rank=0, world_size=1)
+    st = TrainStream.from_config(cfg, make_tokenizer(), rank=0, world_size=1)
     seen: Counter[str] = Counter()
     for b in st:
         seen.update(b.erasure_keys)
@@ -209,7 +206,7 @@ def test_one_non_utf8_record_is_skipped_alone_and_counted(tmp_path: Path) -> Non
     # without skipping: an error naming shard, record and field
     with pytest.raises(DataError, match=r"record 'en-005' field '<json>'"):
         list(
-            TrainStream(
+            TrainStream.from_config(
                 make_cfg(tmp_path, **{"data.shuffle_buffer": 0}), make_tokenizer(), rank=0, world_size=1
             )
         )

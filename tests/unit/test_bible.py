@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from lancer_dist.data.collections import read_beir
 from lancer_dist.data.shards import load_shard, read_manifest
 from lancer_dist.offline.bible import (
     ALL_LANGUAGES,
@@ -21,6 +20,7 @@ from lancer_dist.offline.bible import (
     is_empty_verse,
     parse_verse_id,
 )
+from lancer_dist.retrieval.collections import read_beir
 
 
 def _records(d: Path) -> list[tuple[str, dict]]:

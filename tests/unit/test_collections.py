@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lancer_dist.data.collections import (
+from lancer_dist.data.errors import DataError
+from lancer_dist.retrieval.collections import (
     Collection,
     read_beir,
     read_clef,
@@ -17,7 +18,6 @@ from lancer_dist.data.collections import (
     read_xquad_r,
     read_xtreme_up,
 )
-from lancer_dist.data.errors import DataError
 
 
 def _jsonl(path: Path, rows: list) -> Path:

@@ -203,7 +203,7 @@ def test_text_ids_reach_the_batch_and_mask_the_duplicates(tmp_path: Path) -> Non
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_group_shards([f"jsonl:{f}"], tmp_path / "retrieval", GroupOptions(format="flagembedding"))
     cfg = make_cfg(tmp_path, **{"train.steps": 1})  # 4 queries per step, groups of 3: every group, every step
-    (b,) = list(TrainStream(cfg, make_tokenizer(), rank=0, world_size=1))
+    (b,) = list(TrainStream.from_config(cfg, make_tokenizer(), rank=0, world_size=1))
     assert sorted(b.passage_docids) == sorted(text_docid(t) for t in pos for _ in range(3))
     assert sorted(map(tuple, b.query_positive_docids)) == [
         (text_docid(t),) for t in sorted(pos, key=text_docid)

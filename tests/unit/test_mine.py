@@ -13,9 +13,10 @@ import pytest
 
 from lancer_dist.config import ModelConfig
 from lancer_dist.data.shards import check_group, load_shard, read_manifest, verify_shards
+from lancer_dist.retrieval.collections import Collection
 from lancer_dist.retrieval.encoder_io import EncoderSpec, load_encoder
 from lancer_dist.retrieval.mine import MineOptions, mine_hard_negatives
-from lancer_dist.retrieval.tiny import write_beir, write_tiny_encoder
+from lancer_dist.retrieval.tiny import write_tiny_encoder
 from tests.tiny_models import GREEK
 
 WORDS = GREEK
@@ -48,13 +49,11 @@ def coll(tmp_path_factory):
         picks = [order[1], order[11]] + ([order[120]] if qi % 2 else [])
         qrels[f"q{qi}"] = {ids[j]: 1 for j in picks}
         qrels[f"q{qi}"][ids[order[4]]] = 0  # judged non-relevant: a valid negative
-    write_beir(
-        root / "coll",
+    Collection(
         {ids[i]: {"text": docs[i], "lang": "en"} for i in range(N_DOCS)},
         {f"q{i}": {"text": queries[i], "lang": "en"} for i in range(N_QUERIES)},
         qrels,
-        split="train",
-    )
+    ).write_beir(root / "coll", split="train")
     return {"root": root, "spec": spec, "enc": enc, "ids": ids, "scores": scores_QN, "qrels": qrels}
 
 

@@ -108,7 +108,7 @@ def make_cfg(tmp: Path, **over: Any) -> RunConfig:
 
 def run_all(cfg: RunConfig, tok: Any, world: int, **kw: Any) -> list[list[TrainBatch]]:
     """All batches of every (simulated) rank: result[rank][i]."""
-    return [list(TrainStream(cfg, tok, rank=r, world_size=world, **kw)) for r in range(world)]
+    return [list(TrainStream.from_config(cfg, tok, rank=r, world_size=world, **kw)) for r in range(world)]
 
 
 def erasure_plan(m: Any, skip: bool) -> StreamPlan:
@@ -180,7 +180,7 @@ def test_every_step_is_exactly_balanced_and_groups_are_whole(
                 assert f is not None
                 rec = json.loads(f.read())
                 truth[mem.name.split(".")[0]] = (rec["lang"], rec["text"])
-    langs = TrainStream(cfg, tok, rank=0, world_size=2).languages
+    langs = TrainStream.from_config(cfg, tok, rank=0, world_size=2).languages
     assert langs == sorted(LANGS)
     for step in range(12):
         batches = [ranks[r][step] for r in range(2)]
@@ -279,26 +279,26 @@ def test_resume_after_step_s_yields_the_uninterrupted_batches(tmp_path: Path, to
     full = run_all(cfg, tok, world=2)
     for s in (0, 3, 6):
         for r in range(2):
-            st = TrainStream(cfg, tok, rank=r, world_size=2)
+            st = TrainStream.from_config(cfg, tok, rank=r, world_size=2)
             it = iter(st)
             for _ in range(s + 1):  # consume steps 0..s, then stop (workers have prefetched further)
                 next(it)
             del it
             sd = json.loads(json.dumps(st.state_dict()))  # survives a JSON checkpoint
-            resumed = TrainStream(cfg, tok, rank=r, world_size=2, start_step=s + 1)
+            resumed = TrainStream.from_config(cfg, tok, rank=r, world_size=2, start_step=s + 1)
             resumed.load_state_dict(sd)
             got = list(resumed)
             assert [b.step for b in got] == list(range(s + 1, 12))
             assert all(same_batch(a, b) for a, b in zip(got, full[r][s + 1 :], strict=True))
     # without a state, start_step replays from step 0 to the same place
-    late = list(TrainStream(cfg, tok, rank=1, world_size=2, start_step=7))
+    late = list(TrainStream.from_config(cfg, tok, rank=1, world_size=2, start_step=7))
     assert all(same_batch(a, b) for a, b in zip(late, full[1][7:], strict=True))
 
 
 def test_iterating_again_continues_and_state_checks(tmp_path: Path, tok: Any) -> None:
     cfg = make_cfg(tmp_path, **{"data.num_workers": 2})
     full = run_all(cfg, tok, world=1)[0]
-    st = TrainStream(cfg, tok, rank=0, world_size=1)
+    st = TrainStream.from_config(cfg, tok, rank=0, world_size=1)
     got = []
     for b in st:
         got.append(b)
@@ -313,7 +313,7 @@ def test_iterating_again_continues_and_state_checks(tmp_path: Path, tok: Any) ->
         ("data.erasure.passages_per_language", 1),
         ("data.shuffle_buffer", 2),
     ]:
-        other = TrainStream(make_cfg(tmp_path, **{field: value}), tok, rank=0, world_size=1)
+        other = TrainStream.from_config(make_cfg(tmp_path, **{field: value}), tok, rank=0, world_size=1)
         with pytest.raises(ValueError, match=re.escape(field)):
             other.load_state_dict(sd)
     with pytest.raises(ValueError, match="format"):
@@ -391,7 +391,7 @@ def test_resume_on_another_world_size_and_workers(tmp_path: Path, tok: Any) -> N
     full = run_all(make_cfg(tmp_path, **WORLD_CFG), tok, world=1)[0]
     states = []
     for r in range(2):
-        st = TrainStream(cfg2, tok, rank=r, world_size=2)
+        st = TrainStream.from_config(cfg2, tok, rank=r, world_size=2)
         it = iter(st)
         for _ in range(5):  # steps 0..4
             next(it)
@@ -405,7 +405,7 @@ def test_resume_on_another_world_size_and_workers(tmp_path: Path, tok: Any) -> N
         cfg = make_cfg(tmp_path, **WORLD_CFG, **{"data.num_workers": workers})
         parts = []
         for r in range(world):
-            resumed = TrainStream(cfg, tok, rank=r, world_size=world)
+            resumed = TrainStream.from_config(cfg, tok, rank=r, world_size=world)
             resumed.load_state_dict(states[0])
             parts.append(list(resumed))
         assert [b.step for b in parts[0]] == list(range(5, 12))
@@ -418,21 +418,21 @@ def test_config_errors(tmp_path: Path, tok: Any) -> None:
         tmp_path, **{"data.erasure.passages_per_language": 3, "data.retrieval.queries_per_step": 8}
     )
     with pytest.raises(ConfigError, match=r"passages_per_language.*divisible by the world size 8"):
-        TrainStream(cfg, tok, rank=0, world_size=8)
+        TrainStream.from_config(cfg, tok, rank=0, world_size=8)
     with pytest.raises(ConfigError, match=r"passages_per_language.*divisible by the world size 8"):
-        check_world_size(cfg, 8)  # the launch-time check (no stream built)
-    check_world_size(cfg, 4)
+        check_world_size(cfg.data, 8)  # the launch-time check (no stream built)
+    check_world_size(cfg.data, 4)
     cfg = make_cfg(tmp_path, **{"data.erasure.languages": ["en", "xx"]})
     with pytest.raises(ConfigError, match=r"data.erasure.languages.*unknown: \['xx'\]"):
-        TrainStream(cfg, tok, rank=0, world_size=1)
+        TrainStream.from_config(cfg, tok, rank=0, world_size=1)
     cfg = make_cfg(tmp_path, **{"data.retrieval.queries_per_step": 3})
     with pytest.raises(ConfigError, match="queries_per_step"):
-        TrainStream(cfg, tok, rank=0, world_size=2)
+        TrainStream.from_config(cfg, tok, rank=0, world_size=2)
     cfg = make_cfg(tmp_path, **{"data.retrieval.path": str(tmp_path / "erasure")})
     with pytest.raises(ConfigError, match="kind 'groups'"):
-        TrainStream(cfg, tok, rank=0, world_size=1)
+        TrainStream.from_config(cfg, tok, rank=0, world_size=1)
     cfg = make_cfg(tmp_path, **{"data.erasure.languages": ["zh", "fr"], "data.retrieval.path": ""})
-    st = TrainStream(cfg, tok, rank=0, world_size=1, num_steps=2)
+    st = TrainStream.from_config(cfg, tok, rank=0, world_size=1, num_steps=2)
     (b, _) = list(st)
     assert st.languages == ["zh", "fr"] and b.erasure_languages.tolist() == [0, 1, 0, 1]
     assert b.query_input_ids.shape == (0, 0) and all(k.startswith(("zh", "fr")) for k in b.erasure_keys)
@@ -495,7 +495,7 @@ def test_loader_workers_survive_a_preemption_signal(tmp_path: Path, tok: Any) ->
     me = psutil.Process()
     # children left by earlier tests in this process (other loaders, servers) are not this stream's workers
     before = {p.pid for p in me.children()}
-    for b in TrainStream(cfg, tok, rank=0, world_size=1):
+    for b in TrainStream.from_config(cfg, tok, rank=0, world_size=1):
         got.append(b)
         if b.step == 2:
             workers = [p for p in me.children() if p.pid not in before]

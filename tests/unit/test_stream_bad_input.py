@@ -92,14 +92,14 @@ def test_bad_erasure_input_raises_naming_shard_key_field(
     rec = f"record '{key}'" if key else "(no record)"
     pattern = re.escape(f"{name} (in {tmp_path / 'erasure'}): {rec} field '{field}'")
     with pytest.raises((DataError, RuntimeError), match=pattern):
-        list(TrainStream(cfg, tok, rank=0, world_size=1))
+        list(TrainStream.from_config(cfg, tok, rank=0, world_size=1))
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_erasure_input_is_skipped_counted_and_balance_holds(tmp_path: Path, tok: Any, case: str) -> None:
     cfg = make_cfg(tmp_path, **{"data.skip_bad_records": True, "data.shuffle_buffer": 0})
     _, _, _, counter = plant(tmp_path / "erasure", case)
-    st = TrainStream(cfg, tok, rank=0, world_size=1)
+    st = TrainStream.from_config(cfg, tok, rank=0, world_size=1)
     batches = list(st)
     for b in batches:
         assert Counter(k.split("-")[0] for k in b.erasure_keys) == dict.fromkeys(LANGS, 2)
@@ -111,7 +111,7 @@ def test_bad_erasure_input_is_skipped_counted_and_balance_holds(tmp_path: Path, 
     assert epochs >= 2
     # the counters are those of the global stream: every rank of a 2-rank run reports the same whole-run counts
     for r in range(2):
-        other = TrainStream(cfg, tok, rank=r, world_size=2)
+        other = TrainStream.from_config(cfg, tok, rank=r, world_size=2)
         list(other)
         assert other.stats == st.stats
 
@@ -145,7 +145,7 @@ def test_each_bad_record_is_counted_by_exactly_one_slot(tmp_path: Path) -> None:
 def test_group_with_too_few_negatives(tmp_path: Path, tok: Any) -> None:
     cfg = make_cfg(tmp_path, **{"data.retrieval.group_size": 7})  # groups store 5 negatives
     with pytest.raises(DataError, match=r"shard-000000\.tar.*field 'negatives'.*group_size=7 needs 6"):
-        TrainStream(cfg, tok, rank=0, world_size=1)
+        TrainStream.from_config(cfg, tok, rank=0, world_size=1)
     # a shard without the manifest hint fails at the record itself, naming its key
     d = json.loads((tmp_path / "retrieval" / "manifest.json").read_text())
     for s in d["shards"]:
@@ -154,11 +154,15 @@ def test_group_with_too_few_negatives(tmp_path: Path, tok: Any) -> None:
     with pytest.raises(
         DataError, match=r"record 'q0\d\d' field 'negatives': 5 negatives, group_size 7 needs 6"
     ):
-        list(TrainStream(make_cfg(tmp_path, **{"data.retrieval.group_size": 7}), tok, rank=0, world_size=1))
+        list(
+            TrainStream.from_config(
+                make_cfg(tmp_path, **{"data.retrieval.group_size": 7}), tok, rank=0, world_size=1
+            )
+        )
     # skipping: every group is too small here, so the stream reports it has nothing left instead of looping
     cfg = make_cfg(tmp_path, **{"data.retrieval.group_size": 7, "data.skip_bad_records": True})
     with pytest.raises(DataError, match="no usable record"):
-        list(TrainStream(cfg, tok, rank=0, world_size=1))
+        list(TrainStream.from_config(cfg, tok, rank=0, world_size=1))
 
 
 def test_skipped_small_groups_are_counted(tmp_path: Path, tok: Any) -> None:
@@ -183,7 +187,7 @@ def test_skipped_small_groups_are_counted(tmp_path: Path, tok: Any) -> None:
     cfg = make_cfg(
         tmp_path, **{"data.retrieval.group_size": 4, "data.skip_bad_records": True, "data.shuffle_buffer": 0}
     )
-    st = TrainStream(cfg, tok, rank=0, world_size=1)
+    st = TrainStream.from_config(cfg, tok, rank=0, world_size=1)
     batches = list(st)
     assert all("q000" not in b.query_keys and len(b.passage_docids) == 16 for b in batches)
     epochs = st.state_dict()["streams"]["retrieval"]["epoch"] + 1
@@ -198,7 +202,7 @@ from tests.unit.test_stream import make_cfg, make_tokenizer
 
 cfg = make_cfg(Path(sys.argv[1]), **{"data.num_workers": 2})
 try:
-    list(TrainStream(cfg, make_tokenizer(), rank=0, world_size=1))
+    list(TrainStream.from_config(cfg, make_tokenizer(), rank=0, world_size=1))
 except Exception as e:
     KEPT = e  # the traceback (and the loader iterator in its frames) stays alive until exit, as under pytest
     print("raised", type(e).__name__, flush=True)

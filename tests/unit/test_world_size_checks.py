@@ -5,12 +5,12 @@ tests/integration/test_world_size.py)."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from lancer_dist.config import ConfigError, load_config
-from lancer_dist.train.trainer import Trainer, check_launch_config
+from lancer_dist.train.checkpoint import load_zero_resharded
+from lancer_dist.train.trainer import check_launch_config
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")  # 4 queries per step, 2 passages x 4 languages
@@ -61,6 +61,5 @@ def test_zero_checkpoints_that_cannot_be_resharded_are_refused(
     cfg = load_config(
         TINY, [*overrides, "data.retrieval.queries_per_step=6", "data.erasure.passages_per_language=3"]
     )
-    trainer = SimpleNamespace(cfg=cfg, world=3, rank=0)
     with pytest.raises(ConfigError, match=rf"train\.checkpoint\.resume.*same world size \(2, now 3\).*{why}"):
-        Trainer._load_zero_resharded(trainer, tmp_path, 2)  # type: ignore[arg-type]
+        load_zero_resharded(None, cfg, tmp_path, 2, rank=0, world=3)
