@@ -76,10 +76,22 @@ POINTS: dict[str, list[str]] = {
     "L4-lam10-m8": [L4, *QUICK, "loss.erasure_weight=10"],
     "L12-top2-lam3": TOP2,
     "L12-top2-lam10": [*TOP2, "loss.erasure_weight=10"],
+    # Round 3 (docs/science.md section 4): the 4-layer points reach a per-step L_C / floor near 1 at lambda = 10, yet
+    # the evaluation probe stays at 0.995. lambda = 30 pushes the erasure harder at the same step cost; its
+    # baseline is L4-lam3-m8's (the same run).
+    "L4-lam30-m8": [L4, *QUICK, "loss.erasure_weight=30"],
+    # lambda = 30 moved the evaluation probe (0.967 against 0.999, non-overlapping) but put multilingual Full nDCG@10
+    # below the baseline; lambda = 20 sits between it and lambda = 10. Same shared baseline.
+    "L4-lam20-m8": [L4, *QUICK, "loss.erasure_weight=20"],
 }
 # A point whose baseline is another point's: the same overrides but for loss.erasure_weight, which the baseline sets
 # to 0 (same seed, same data stream), so the run would be identical; it is trained once, in <out>/<other>/baseline.
-SHARED_BASELINE = {"L12-top2-lam10": "L12-top2-lam3"}
+SHARED_BASELINE = {
+    "L12-top2-lam10": "L12-top2-lam3",
+    "L4-lam10-m8": "L4-lam3-m8",
+    "L4-lam30-m8": "L4-lam3-m8",
+    "L4-lam20-m8": "L4-lam3-m8",
+}
 # The CLI of this checkout (``python -m``: the same interpreter, independent of which ``lancer`` is on PATH).
 LANCER = [sys.executable, "-m", "lancer_dist.cli"]
 POOLS = ["multilingual_full", "multilingual_sampled", "crosslingual"]
