@@ -248,6 +248,32 @@ def _expand(paths: PathLike | Sequence[PathLike], pattern: str = "*") -> list[Pa
     return out
 
 
+def _add_jsonl_docs(
+    coll: Collection,
+    path: Path,
+    id_fields: tuple[str, ...],
+    text_fields: tuple[str, ...],
+    lang: str | None,
+    *,
+    lang_from_line: bool = False,
+) -> None:
+    """Every line of a JSONL corpus file as a document: the id is the first of ``id_fields`` present, the text the
+    first of ``text_fields``, the title ``title`` (optional); the language is ``lang``, or the line's own ``lang``
+    field when ``lang_from_line`` (``lang`` is then the default). Errors name the file, the line and the field."""
+    where = str(path)
+    for key, obj in iter_jsonl(path):
+        text_field = next((f for f in text_fields if f in obj), text_fields[0])
+        coll.add_doc(
+            where,
+            key,
+            _req(where, key, obj, *id_fields),
+            _req(where, key, obj, *text_fields),
+            obj.get("title", ""),
+            _lang(where, key, obj, lang) if lang_from_line else lang,
+            text_field=text_field,
+        )
+
+
 def read_trec_qrels(path: PathLike, coll: Collection | None = None) -> dict[str, dict[str, int]]:
     """TREC qrels: ``qid iter docid rel`` per line (whitespace-separated; the iteration column is ignored)."""
     qrels: dict[str, dict[str, int]] = {}
@@ -285,16 +311,7 @@ def read_beir(path: PathLike, split: str = "test", lang: str | None = None) -> C
     """Read a BEIR directory. ``lang`` is the default language for lines without a ``lang`` field."""
     root = Path(path)
     coll = Collection(name=root.name)
-    for key, obj in iter_jsonl(root / "corpus.jsonl"):
-        where = str(root / "corpus.jsonl")
-        coll.add_doc(
-            where,
-            key,
-            _req(where, key, obj, "_id"),
-            _req(where, key, obj, "text"),
-            obj.get("title", ""),
-            _lang(where, key, obj, lang),
-        )
+    _add_jsonl_docs(coll, root / "corpus.jsonl", ("_id",), ("text",), lang, lang_from_line=True)
     for key, obj in iter_jsonl(root / "queries.jsonl"):
         where = str(root / "queries.jsonl")
         extra = {k: v for k, v in obj.items() if k not in ("_id", "text", "lang", "metadata")}
@@ -613,15 +630,7 @@ def _norm_tokens(text: str) -> str:
 def _read_passages(coll: Collection, path: Path, lang: str | None) -> None:
     """DPR passages: tsv ``id<TAB>text<TAB>title`` (header optional) or jsonl (``id``/``_id``/``docid``)."""
     if path.suffix in (".jsonl", ".json") or path.name.endswith(".jsonl.gz"):
-        for key, obj in iter_jsonl(path):
-            coll.add_doc(
-                str(path),
-                key,
-                _req(str(path), key, obj, "id", "_id", "docid"),
-                _req(str(path), key, obj, "text", "contents"),
-                obj.get("title", ""),
-                lang,
-            )
+        _add_jsonl_docs(coll, path, ("id", "_id", "docid"), ("text", "contents"), lang)
         return
     with _open_text(path) as f:
         for n, line in enumerate(f, 1):
@@ -710,15 +719,7 @@ def read_miracl(
                 raise DataError(topics, f"line {n}", "query", "expected 'qid<TAB>query'", "bad_topics")
             coll.add_query(str(topics), f"line {n}", parts[0], "\t".join(parts[1:]), lang, text_field="query")
     for path in _expand(corpus, "*.jsonl*"):
-        for key, obj in iter_jsonl(path):
-            coll.add_doc(
-                str(path),
-                key,
-                _req(str(path), key, obj, "docid"),
-                _req(str(path), key, obj, "text"),
-                obj.get("title", ""),
-                lang,
-            )
+        _add_jsonl_docs(coll, path, ("docid",), ("text",), lang)
     read_trec_qrels(qrels, coll)
     coll.drop_dangling_qrels()
     return coll
@@ -742,16 +743,7 @@ def read_xtreme_up(
     about one passage); gold passages missing from the index are added from the query lines."""
     coll = Collection(name="xtreme-up")
     for path in _expand(index or [], "*.jsonl*"):
-        for key, obj in iter_jsonl(path):
-            coll.add_doc(
-                str(path),
-                key,
-                _req(str(path), key, obj, "id"),
-                _req(str(path), key, obj, "context"),
-                obj.get("title", ""),
-                index_lang,
-                text_field="context",
-            )
+        _add_jsonl_docs(coll, path, ("id",), ("context",), index_lang)
     counter: Counter[str] = Counter()
     for path in _expand(queries, "*.jsonl*"):
         qlang = lang or path.name.split(".")[0]
