@@ -580,6 +580,9 @@ class EvalConfig:
     # Multilingual passages for the language-ID probe and t-SNE; "" = the collection with the most languages.
     probe_collection: str = ""
     probe_per_language: int = 200
+    # Processes fitting the probe's cross-validation folds at once (scikit-learn n_jobs); 0 = the CPUs this process
+    # may use. The folds are independent fits, so the chosen C and the accuracy do not depend on it.
+    probe_jobs: int = 0
     # Passages per language in the t-SNE plot (the paper: 300); 0 = no plot.
     tsne_samples: int = 300
     # Collection for nDCG@10 as languages are added to the pool (Fig. 1/3); "" = the one with the most query
@@ -609,6 +612,12 @@ class EvalConfig:
         _check(all(k > 0 for k in self.recall_kt), f"{p}.recall_kt", self.recall_kt, "a list of integers > 0")
         _check(self.posthoc_max_passages >= 2, f"{p}.posthoc_max_passages", self.posthoc_max_passages, ">= 2")
         _check(self.probe_per_language >= 2, f"{p}.probe_per_language", self.probe_per_language, ">= 2")
+        _check(
+            self.probe_jobs >= 0,
+            f"{p}.probe_jobs",
+            self.probe_jobs,
+            "an integer >= 0 (0 = this process's CPUs)",
+        )
         _check(self.tsne_samples >= 0, f"{p}.tsne_samples", self.tsne_samples, "an integer >= 0")
         _check(
             self.search_threads >= 0, f"{p}.search_threads", self.search_threads, "an integer >= 0 (0 = auto)"

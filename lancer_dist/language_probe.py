@@ -84,9 +84,11 @@ def fit_language_probe(
     Cs: Sequence[float] = PROBE_CS,
     seed: int = 0,
     max_iter: int = 2000,
+    n_jobs: int = 1,
 ) -> ProbeFit:
     """Fit the probe on (x_train [N, D], y_train [N] labels) with C chosen by CV on the train split; score on the test
-    split. ``cv_folds`` is capped by the rarest training language's count (at least 2 of each are needed)."""
+    split. ``cv_folds`` is capped by the rarest training language's count (at least 2 of each are needed).
+    ``n_jobs`` processes fit the folds at once (scikit-learn's ``n_jobs``; 0 = the CPUs this process may use)."""
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.metrics import log_loss
     from sklearn.model_selection import StratifiedKFold
@@ -125,10 +127,18 @@ def fit_language_probe(
             scoring="neg_log_loss",
             max_iter=max_iter,
             random_state=seed,
+            n_jobs=min(folds, n_jobs if n_jobs > 0 else _usable_cpus()),
             **_new_attributes(),
         ),
     )
-    clf.fit(x_tr, ytr)
+    try:
+        clf.fit(x_tr, ytr)
+    finally:
+        if clf[-1].n_jobs > 1:
+            # joblib keeps its worker processes for reuse; end them, so that no process outlives the fit
+            from joblib.externals.loky import get_reusable_executor
+
+            get_reusable_executor().shutdown(wait=True)
     labels = np.arange(len(languages))
     p_tr = clf.predict_proba(x_tr)
     p_te = clf.predict_proba(x_te)
@@ -170,6 +180,15 @@ def population_erasure(x: np.ndarray, labels: Sequence[Any]) -> dict[str, float]
         "erasure_floor": terms.floor,
         "erasure_over_floor": abs_ / terms.floor if terms.floor > 0 else float("nan"),
     }
+
+
+def _usable_cpus() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _new_attributes() -> dict[str, Any]:

@@ -42,8 +42,8 @@ def _marked_processes(value: str) -> dict[int, str]:
                     continue
         except OSError:
             continue
-        if "multiprocessing.resource_tracker" in cmd:
-            continue  # this session's own helper: it ends with the session
+        if "multiprocessing.resource_tracker" in cmd or "loky.backend.resource_tracker" in cmd:
+            continue  # this session's own helper (Python's, or joblib's for the probe's folds): it ends with it
         found[int(entry)] = cmd[:200]
     return found
 

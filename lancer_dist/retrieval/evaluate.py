@@ -541,7 +541,9 @@ def analyses_stage(ev: EvalConfig, plan: EvalPlan, enc: Encoded, variants: list[
             kw = {"rank": ev.lsar_rank} if tf.name == "lsar" else {}
             tf_probe = fit(x[train], list(lab[train]), **kw)
             x = tf_probe(x)
-        pf = fit_language_probe(x[train], list(lab[train]), x[~train], list(lab[~train]), seed=ev.seed)
+        pf = fit_language_probe(
+            x[train], list(lab[train]), x[~train], list(lab[~train]), seed=ev.seed, n_jobs=ev.probe_jobs
+        )
         an.probe[vname] = pf.test_accuracy
         an.probe_interval[vname] = (pf.ci_low, pf.ci_high)
         # L_C of the held-out half (the half no post-hoc eraser was fitted on), beside its floor

@@ -83,3 +83,22 @@ def test_probe_errors_name_the_problem():
         fit_language_probe(x[:6], y[:6], x, y)
     with pytest.raises(ValueError, match="at least 2 training passages"):
         fit_language_probe(x[[0, 3, 4]], [y[0], y[3], y[4]], x[:1], y[:1])
+
+
+def test_folds_fitted_in_parallel_give_the_same_probe():
+    """``n_jobs`` (``eval.probe_jobs``) only spreads the cross-validation folds over processes: the same C, the
+    same predictions and (to rounding) the same probabilities as the sequential fit."""
+    x_tr, y_tr = _data(20, 60, 0.35, seed=1)
+    x_te, y_te = _data(100, 60, 0.35, seed=2)
+    one = fit_language_probe(x_tr, y_tr, x_te, y_te, cv_folds=5, seed=0, n_jobs=1)
+    two = fit_language_probe(x_tr, y_tr, x_te, y_te, cv_folds=5, seed=0, n_jobs=2)
+    assert one.classifier[-1].n_jobs == 1 and two.classifier[-1].n_jobs == 2  # the parallel path did run
+    assert two.C == one.C and two.test_correct == one.test_correct
+    np.testing.assert_allclose(
+        two.classifier.predict_proba(x_te), one.classifier.predict_proba(x_te), rtol=0, atol=1e-8
+    )
+    # 0 = the CPUs this process may use, never more processes than folds
+    auto = fit_language_probe(x_tr, y_tr, x_te, y_te, cv_folds=3, seed=0, n_jobs=0)
+    import os
+
+    assert auto.classifier[-1].n_jobs == min(3, len(os.sched_getaffinity(0)))
