@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The quickstart of README.md: installs everything, builds the offline model and data, trains a baseline
-# (lambda = 0) and a LANCER model (lambda = 1) with the same seed and data, evaluates both beside the post-hoc
+# (lambda = 0) and a LANCER model (lambda = 20) with the same seed and data, evaluates both beside the post-hoc
 # baselines, and prints where to look. ~10 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
