@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The quickstart of README.md: installs everything, builds the offline model and data, trains a baseline
 # (lambda = 0) and a LANCER model (lambda = 40) with the same seed and data, evaluates both beside the post-hoc
-# baselines, and prints where to look. 8 minutes on 2 CPU cores on a fresh clone (docs/training.md).
+# baselines, and prints where to look. 8 - 10 minutes on 2 CPU cores on a fresh clone (docs/training.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
