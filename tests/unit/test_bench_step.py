@@ -3,31 +3,17 @@ to a trainer from outside, see every phase of one real step, and the step's own 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
 from lancer_dist.config import load_config
+from tests.benchmark_scripts import load_benchmark
 from tests.integration.trainrun import write_config
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_step", REPO / "benchmarks" / "bench_step.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_step"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_benchmark_times_every_phase_of_the_real_step(tmp_path, bible_data, e5_small_model_dir):
     from lancer_dist.train.trainer import Trainer
 
-    bench = _bench()
+    bench = load_benchmark("bench_step")
     cfg_path = write_config(tmp_path, bible_data, e5_small_model_dir, tracking={"enabled": False})
     cfg = load_config(cfg_path, [])
     plain, timed = Trainer(load_config(cfg_path, [f"output_dir={tmp_path / 'plain'}"])), Trainer(cfg)

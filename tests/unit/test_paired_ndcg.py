@@ -4,7 +4,6 @@ to end on real TREC files (its mean difference equals the difference of the aggr
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -13,16 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.benchmark_scripts import load_benchmark
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _paired():
-    spec = importlib.util.spec_from_file_location("paired_ndcg", REPO / "benchmarks" / "paired_ndcg.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["paired_ndcg"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("shift", [0.0, 0.3, 0.8])
@@ -33,13 +25,13 @@ def test_randomisation_p_matches_scipys_exact_test(shift):
     exact = permutation_test(
         (d,), np.mean, permutation_type="samples", alternative="two-sided", n_resamples=np.inf
     ).pvalue
-    p = _paired().paired_randomisation_p(d, draws=40000, seed=3)
+    p = load_benchmark("paired_ndcg").paired_randomisation_p(d, draws=40000, seed=3)
     # Monte Carlo with 40000 draws: standard error <= 0.0025
     assert p == pytest.approx(exact, abs=0.012), (p, exact)
 
 
 def test_bootstrap_interval_brackets_the_mean_and_narrows_with_n():
-    m = _paired()
+    m = load_benchmark("paired_ndcg")
     rng = np.random.default_rng(0)
     small, large = rng.normal(0.5, 1, 50), rng.normal(0.5, 1, 2000)
     lo_s, hi_s = m.bootstrap_interval(small)
@@ -71,7 +63,7 @@ def _write(tmp_path: Path):
 
 def test_per_query_ndcg_by_hand_and_the_script_end_to_end(tmp_path):
     runs, coll = _write(tmp_path)
-    m = _paired()
+    m = load_benchmark("paired_ndcg")
     qrels = coll / "pool" / "qrels" / "test.tsv"
     lan = m.per_query_ndcg10(runs / "lancer" / "pool.trec", qrels)
     base = m.per_query_ndcg10(runs / "base" / "pool.trec", qrels)
